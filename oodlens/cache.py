@@ -1,0 +1,73 @@
+"""A bounded decoding cache for LM-Infinite: the starting tokens plus the last window of keys, per layer.
+
+Memory per layer is constant in the generated length: ``n_head + n_local - 1`` keys are kept between steps
+(the next query needs the ``n_local - 1`` keys before it, plus the head). Keys stay rotated at their absolute
+positions, as transformers stores them; each returned key tensor carries a :class:`~oodlens.attention.KeyLayout`
+so the engine knows where the head ends and where the tail begins.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from .attention import KeyLayout, register_layout
+
+
+class LMInfiniteLayer(DynamicLayer):
+    """One layer of :class:`LMInfiniteCache`."""
+
+    _layer_type = None  # keep transformers' layer registry untouched
+
+    def __init__(self, n_head: int, n_local: int):
+        super().__init__()
+        self.n_head = n_head
+        self.n_local = n_local
+        self.total = 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append ``[B, H, Q, D]`` states; return every key the new queries may need, then trim the store."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        keys = torch.cat([self.keys, key_states], dim=-2)
+        values = torch.cat([self.values, value_states], dim=-2)
+        stored_head = min(self.n_head, self.total)
+        self.total += key_states.shape[-2]
+        register_layout(keys, KeyLayout(head=stored_head if stored_head < keys.shape[-2] else 0, total=self.total))
+        keep_tail = self.n_local - 1
+        head = min(self.n_head, self.total)
+        if keys.shape[-2] > head + keep_tail:
+            self.keys = torch.cat([keys[:, :, :head], keys[:, :, -keep_tail:]], dim=-2) if keep_tail else keys[:, :, :head]
+            self.values = (
+                torch.cat([values[:, :, :head], values[:, :, -keep_tail:]], dim=-2) if keep_tail else values[:, :, :head]
+            )
+        else:
+            self.keys, self.values = keys, values
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        return self.total
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.total + query_length, 0
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError("a bounded LM-Infinite cache cannot be cropped: it has dropped old keys")
+
+
+class LMInfiniteCache(DynamicCache):
+    """``DynamicCache`` whose full-attention layers keep only ``n_head`` starting and ``n_local - 1`` recent keys.
+
+    The model's own sliding-window layers keep transformers' sliding cache.
+    """
+
+    def __init__(self, config, n_head: int, n_local: int):
+        super().__init__(config=config)
+        self.layers = [
+            LMInfiniteLayer(n_head, n_local) if type(layer) is DynamicLayer else layer for layer in self.layers
+        ]
+
+    def stored_tokens(self) -> list[int]:
+        """Keys held per layer (for memory checks)."""
+        return [0 if layer.keys is None else layer.keys.shape[-2] for layer in self.layers]
