@@ -276,22 +276,26 @@ def run_segment(seg: Segment, scale: float, softcap: float | None, want_mean: bo
     return _segment_math(seg, scale, softcap, want_mean)
 
 
-class Accumulator:
-    """Merges partial softmax results over segments by log-sum-exp, in float32."""
+def merge_partials(parts: list[tuple[slice, Partial]], shape: tuple[int, int, int, int], device) -> Partial:
+    """Combine partial softmax results over disjoint key sets (log-sum-exp identity), in float32.
 
-    def __init__(self, batch: int, heads: int, rows: int, dim: int, device: torch.device, want_mean: bool):
-        self.out = torch.zeros(batch, heads, rows, dim, device=device)
-        self.lse = torch.full((batch, heads, rows), NEG_INF, device=device)
-        self.mean = torch.zeros(batch, heads, rows, device=device) if want_mean else None
-
-    def add(self, rows: slice, part: Partial) -> None:
-        old_lse = self.lse[:, :, rows]
-        new_lse = torch.logaddexp(old_lse, part.lse)
-        keep, take = torch.exp(old_lse - new_lse), torch.exp(part.lse - new_lse)
-        self.out[:, :, rows] = self.out[:, :, rows] * keep.unsqueeze(-1) + part.out * take.unsqueeze(-1)
-        if self.mean is not None:
-            self.mean[:, :, rows] = self.mean[:, :, rows] * keep + part.mean * take
-        self.lse[:, :, rows] = new_lse
+    Args:
+        parts: ``(rows, partial)`` pairs; the first must cover every row so each row's total is finite.
+        shape: ``(B, H, C, D)`` of the merged output.
+    """
+    batch, heads, rows, dim = shape
+    lse = torch.full((batch, heads, rows), NEG_INF, device=device)
+    for index, part in parts:
+        lse[:, :, index] = torch.logaddexp(lse[:, :, index], part.lse)
+    out = torch.zeros(shape, device=device)
+    want_mean = parts[0][1].mean_logit is not None
+    mean = torch.zeros(batch, heads, rows, device=device) if want_mean else None
+    for index, part in parts:
+        weight = torch.exp(part.lse - lse[:, :, index])
+        out[:, :, index].addcmul_(part.out, weight.unsqueeze(-1))
+        if want_mean:
+            mean[:, :, index].addcmul_(part.mean_logit, weight)
+    return Partial(out, lse, mean)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -486,13 +490,12 @@ def attend_group(
     output = torch.empty(batch, n_queries, heads, dim, dtype=group.query.dtype, device=group.query.device)
     for start in range(0, n_queries, block_size):
         stop = min(start + block_size, n_queries)
-        acc = Accumulator(batch, heads, stop - start, dim, group.query.device, want_mean)
-        for seg in _block_segments(plan, group, start, stop):
-            acc.add(seg.rows, run_segment(seg, scale, softcap, want_mean))
+        parts = [(seg.rows, run_segment(seg, scale, softcap, want_mean)) for seg in _block_segments(plan, group, start, stop)]
         if plan.top_k > 0:
             extra = _top_k_partial(plan, group, start, stop, scale, softcap, want_mean)
             if extra is not None:
-                acc.add(*extra)
+                parts.append(extra)
+        acc = merge_partials(parts, (batch, heads, stop - start, dim), group.query.device) if len(parts) > 1 else parts[0][1]
         output[:, start:stop] = acc.out.transpose(1, 2).to(output.dtype)
         if observer is not None:
             positions = group.q_pos[start:stop]
@@ -505,7 +508,7 @@ def attend_group(
             )
             observer.observe(
                 layer_idx,
-                BlockStats(positions, acc.lse, acc.lse - acc.mean, sink, positions[rows], *sampled),
+                BlockStats(positions, acc.lse, acc.lse - acc.mean_logit, sink, positions[rows], *sampled),
             )
     return output
 

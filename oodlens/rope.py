@@ -50,6 +50,24 @@ class RotarySpec:
     def rotary_dim(self) -> int:
         return 2 * self.inv_freq().numel()
 
+    def _cos_sin(self, positions: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        # Same float32 product as transformers' rotary modules, so un-rotation is exact up to rounding.
+        angles = positions.to(device).float().unsqueeze(-1) * self.inv_freq().to(device)
+        return angles.cos(), angles.sin()
+
+    def _apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        dim = 2 * cos.shape[-1]
+        rot = x[..., :dim].float()
+        if self.interleaved:
+            even, odd = rot[..., 0::2], rot[..., 1::2]
+            rotated = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
+        else:
+            first, second = rot[..., : dim // 2], rot[..., dim // 2 :]
+            rotated = torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+        if dim == x.shape[-1]:
+            return rotated.to(x.dtype)
+        return torch.cat((rotated.to(x.dtype), x[..., dim:]), dim=-1)
+
     def rotate(self, x: torch.Tensor, positions: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
         """Rotate ``x`` by ``sign * positions``.
 
@@ -60,23 +78,20 @@ class RotarySpec:
         Returns:
             Tensor of ``x``'s shape and dtype.
         """
-        inv_freq = self.inv_freq().to(x.device)
-        # Same float32 product as transformers' rotary modules, so un-rotation is exact up to rounding.
-        angles = positions.to(x.device).float().unsqueeze(-1) * inv_freq
-        cos, sin = angles.cos(), angles.sin() * sign
-        dim = 2 * inv_freq.numel()
-        rot, rest = x[..., :dim].float(), x[..., dim:]
-        if self.interleaved:
-            even, odd = rot[..., 0::2], rot[..., 1::2]
-            rotated = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
-        else:
-            first, second = rot[..., : dim // 2], rot[..., dim // 2 :]
-            rotated = torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
-        return torch.cat((rotated.to(x.dtype), rest), dim=-1)
+        cos, sin = self._cos_sin(positions, x.device)
+        return self._apply(x, cos, sign * sin)
 
     def move(self, x: torch.Tensor, from_positions: torch.Tensor, to_positions: torch.Tensor) -> torch.Tensor:
-        """Re-rotate ``x`` from the positions it was rotated at to new positions (two exact steps)."""
-        return self.rotate(self.rotate(x, from_positions, sign=-1.0), to_positions)
+        """Re-rotate ``x`` from the positions it was rotated at to new positions, in one pass.
+
+        The angle difference is formed from the two float32 angles by the addition theorem, so the result
+        equals undoing the model's rotation exactly and rotating again.
+        """
+        cos_from, sin_from = self._cos_sin(from_positions, x.device)
+        cos_to, sin_to = self._cos_sin(to_positions, x.device)
+        cos = cos_to * cos_from + sin_to * sin_from
+        sin = sin_to * cos_from - cos_to * sin_from
+        return self._apply(x, cos, sin)
 
 
 def _gptj_style_inv_freq(rotary: nn.Module) -> torch.Tensor:
