@@ -1,0 +1,491 @@
+"""Figures from small synthetic frames in the documented schemas: files, axes, lines, markers, errors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.image as mpimg  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+from matplotlib.collections import PolyCollection  # noqa: E402
+
+from oodlens import plotting  # noqa: E402
+from oodlens.errors import OodlensError  # noqa: E402
+
+TRAIN = 64
+LAYERS = (0, 1)
+HEADS = 3
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+# ------------------------------------------------------------------------------------- synthetic frames
+
+
+def _rng(seed: int) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def logits_frame(fixed: bool = False, seed: int = 0) -> pd.DataFrame:
+    edges = np.array([0, 1, 2, 4, 8, 16, 32, 64, 128, 256])
+    rows = []
+    for layer in LAYERS:
+        for head in range(HEADS):
+            level = 4 + head + _rng(seed + head).normal(0, 0.2, len(edges) - 1)
+            growth = 0 if fixed else np.clip(np.log2(edges[1:] / TRAIN), 0, None) * 3
+            maxes = level + growth
+            for i, (start, end) in enumerate(zip(edges[:-1], edges[1:], strict=True)):
+                rows.append(
+                    dict(
+                        layer=layer,
+                        head=head,
+                        bin_start=start,
+                        bin_end=end,
+                        count=end - start,
+                        mean=maxes[i] - 3,
+                        std=1.0,
+                        min=maxes[i] - 6,
+                        max=maxes[i],
+                        last_query_max=maxes[i] - 0.5,
+                        running_max=maxes[: i + 1].max(),
+                    )
+                )
+    return pd.DataFrame(rows)
+
+
+def max_logit_frame(fixed: bool = False) -> pd.DataFrame:
+    positions = np.arange(0, 256, 4)
+    rows = [
+        dict(
+            layer=layer,
+            head=head,
+            position=p,
+            max_logit=5 + head + (0 if fixed or p < TRAIN else 2 * np.log2(p / TRAIN)),
+        )
+        for layer in LAYERS
+        for head in range(HEADS)
+        for p in positions
+    ]
+    return pd.DataFrame(rows)
+
+
+def entropy_frame(fixed: bool = False) -> pd.DataFrame:
+    edges = np.arange(0, 257, 16)
+    rows = []
+    for layer in LAYERS:
+        for head in range(HEADS):
+            for start, end in zip(edges[:-1], edges[1:], strict=True):
+                centre = (start + end) / 2
+                entropy = np.log(min(centre, TRAIN) + 1) if fixed else np.log(centre + 1)
+                rows.append(
+                    dict(
+                        layer=layer,
+                        head=head,
+                        bin_start=start,
+                        bin_end=end,
+                        count=end - start,
+                        mean=entropy * (0.6 + 0.1 * head),
+                        std=0.2,
+                        max=entropy,
+                        sink_mass=0.6 - 0.1 * head if fixed or centre < TRAIN else 0.2,
+                    )
+                )
+    return pd.DataFrame(rows)
+
+
+def hidden_frame(fixed: bool = False) -> pd.DataFrame:
+    edges = np.array([0, 1, 2, 4, 8, 16, 32, 64, 128, 256])
+    rows = [
+        dict(
+            layer=layer,
+            bin_start=s,
+            bin_end=e,
+            norm=(80 if s == 0 else 10) * (layer + 1),
+            cosine_to_later=0.1 if s == 0 else 0.8 - (0 if fixed or s < TRAIN else 0.3),
+        )
+        for layer in LAYERS
+        for s, e in zip(edges[:-1], edges[1:], strict=True)
+    ]
+    return pd.DataFrame(rows)
+
+
+def hidden_samples(seed: int = 0) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    rng = _rng(seed)
+    positions = np.tile(np.arange(150), 2)
+    samples = {}
+    for layer in LAYERS:
+        vectors = rng.normal(size=(len(positions), 8)) + np.outer(np.log1p(positions), np.ones(8)) * 0.3
+        vectors[positions < 5] += 6  # starting tokens far away
+        samples[layer] = (positions, vectors)
+    return samples
+
+
+def perplexity_frame(methods: tuple[str, ...] = ("vanilla", "lm-infinite")) -> pd.DataFrame:
+    starts = np.arange(0, 256, 32)
+    rows = [
+        dict(
+            method=m,
+            start=s,
+            end=s + 32,
+            nll=np.log(8.0 * (1 if m != "vanilla" or s < TRAIN else s / 8)),
+            n_tokens=32,
+        )
+        for m in methods
+        for s in starts
+    ]
+    frame = pd.DataFrame(rows)
+    frame["ppl"] = np.exp(frame["nll"])
+    return frame
+
+
+def passkey_frame(methods: tuple[str, ...] = ("vanilla", "lm-infinite")) -> pd.DataFrame:
+    rows = [
+        dict(
+            method=m,
+            length=length,
+            depth=depth,
+            sample=s,
+            passkey="12345",
+            generated="12345" if (m != "vanilla" or length <= TRAIN) and s < 2 else "99",
+            correct=None,
+        )
+        for m in methods
+        for length in (32, 64, 128, 256)
+        for depth in (0.1, 0.5, 0.9)
+        for s in range(3)
+    ]
+    frame = pd.DataFrame(rows)
+    frame["correct"] = frame["generated"] == frame["passkey"]
+    return frame
+
+
+def generation_frame(methods: tuple[str, ...] = ("vanilla", "lm-infinite")) -> pd.DataFrame:
+    rows = [
+        dict(
+            method=m,
+            milestone=ms,
+            bleu=(0.0 if m == "vanilla" and ms > TRAIN else 0.3) + 0.02 * s,
+            rouge_l=(0.05 if m == "vanilla" and ms > TRAIN else 0.4) + 0.02 * s,
+        )
+        for m in methods
+        for ms in (32, 64, 128, 256)
+        for s in range(3)
+    ]
+    return pd.DataFrame(rows)
+
+
+def comparison_frame() -> pd.DataFrame:
+    return pd.DataFrame(
+        [
+            dict(method=m, metric=metric, value=v)
+            for m, values in (("vanilla", (0.0, 0.1)), ("lm-infinite", (0.8, 0.4)), ("window", (0.3, 0.2)))
+            for metric, v in zip(("passkey accuracy", "ROUGE-L"), values, strict=True)
+        ]
+    )
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def data_lines(ax) -> list:
+    """Lines that draw data (not the train-length marker or the ln n reference)."""
+    return [
+        line
+        for line in ax.get_lines()
+        if line.get_gid() not in (plotting.TRAIN_LENGTH_GID, plotting.LN_N_GID)
+    ]
+
+
+def has_train_marker(ax, x: float = TRAIN) -> bool:
+    (marker,) = [line for line in ax.get_lines() if line.get_gid() == plotting.TRAIN_LENGTH_GID]
+    return (
+        marker.get_label() == "pretraining length (64)"
+        and marker.get_linestyle() == "--"
+        and (list(marker.get_xdata()) == [x, x])
+    )
+
+
+def bands(ax) -> list:
+    return [c for c in ax.collections if isinstance(c, PolyCollection)]
+
+
+def legend_labels(fig) -> list[str]:
+    """The labels of the figure's one legend (in a panel or beside them)."""
+    (legend,) = fig.legends + [ax.get_legend() for ax in fig.axes if ax.get_legend()]
+    return [t.get_text() for t in legend.get_texts()]
+
+
+def assert_saved(fig, tmp_path: Path, name: str = "figure") -> None:
+    pdf, png = plotting.save_figure(fig, tmp_path / name)
+    assert (pdf.suffix, png.suffix) == (".pdf", ".png")
+    assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 1000
+    width, height = fig.get_size_inches()
+    image = mpimg.imread(png)
+    assert image.shape[:2] == (round(height * 300), round(width * 300))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{name}.pdf", f"{name}.png"]  # no temp files left
+
+
+# ----------------------------------------------------------------------------------------------- style
+
+
+def test_method_colors_are_fixed_and_colour_blind_safe():
+    assert (
+        plotting.method_color("vanilla")
+        == plotting.method_color("before")
+        == plotting.method_color("Vanilla")
+    )
+    assert (
+        plotting.method_color("lm-infinite")
+        == plotting.method_color("after")
+        == plotting.method_color("lm_infinite")
+    )
+    assert len(set(plotting.METHOD_COLORS.values())) == len(plotting.METHOD_COLORS)
+    assert set(plotting.METHOD_COLORS.values()) <= set(plotting.OKABE_ITO.values())
+    assert plotting.method_color("some-new-method") == plotting.method_color("some-new-method")
+
+
+def test_style_context_restores_settings():
+    before = dict(matplotlib.rcParams)
+    with plotting.style():
+        assert matplotlib.rcParams["pdf.fonttype"] == 42 and not matplotlib.rcParams["axes.spines.top"]
+    assert dict(matplotlib.rcParams) == before
+
+
+def test_save_figure_accepts_suffix_and_creates_folders(tmp_path):
+    fig = plt.figure(figsize=(2, 1))
+    pdf, png = plotting.save_figure(fig, tmp_path / "sub" / "ppl.pdf")
+    assert (pdf.name, png.name) == ("ppl.pdf", "ppl.png") and pdf.exists() and png.exists()
+
+
+# --------------------------------------------------------------------------------------- per function
+
+
+def test_logits_by_distance_overlays_before_after(tmp_path):
+    fig = plotting.plot_logits_by_distance(
+        {"before": logits_frame(), "after": logits_frame(fixed=True)}, TRAIN
+    )
+    (ax,) = fig.axes
+    assert len(data_lines(ax)) == 2 and len(bands(ax)) == 2 and has_train_marker(ax)
+    assert legend_labels(fig) == ["before", "after", "pretraining length (64)"]
+    assert ax.get_xscale() == "log"
+    before = data_lines(ax)[0]
+    assert before.get_color() == plotting.method_color("vanilla")
+    assert np.all(np.diff(before.get_ydata()) >= 0)  # running max never falls
+    assert_saved(fig, tmp_path)
+
+
+def test_logits_by_distance_facets_and_stats():
+    fig = plotting.plot_logits_by_distance(logits_frame(), TRAIN, facet=True, stat="mean", band="std")
+    assert [ax.get_title() for ax in fig.axes] == ["layer 0", "layer 1"]
+    assert all(len(data_lines(ax)) == 1 and has_train_marker(ax) for ax in fig.axes)
+    assert legend_labels(fig) == ["pretraining length (64)"] and fig.legends  # one legend beside the panels
+    fig = plotting.plot_logits_by_distance(logits_frame(), layers=[1], band=None)
+    assert len(bands(fig.axes[0])) == 0 and not any(line.get_gid() for line in fig.axes[0].get_lines())
+    with pytest.raises(OodlensError, match="stat"):
+        plotting.plot_logits_by_distance(logits_frame(), stat="median")
+    with pytest.raises(OodlensError, match="layer 7"):
+        plotting.plot_logits_by_distance(logits_frame(), layers=[7])
+
+
+def test_existing_ax_is_used_and_facet_with_ax_refused():
+    fig, (left, right) = plt.subplots(1, 2)
+    assert plotting.plot_entropy_by_position(entropy_frame(), TRAIN, ax=right) is fig
+    assert len(data_lines(right)) == 1 and not left.get_lines()
+    with pytest.raises(OodlensError, match="ax=None"):
+        plotting.plot_logits_by_distance(logits_frame(), facet=True, ax=left)
+
+
+def test_max_logit_by_position(tmp_path):
+    fig = plotting.plot_max_logit_by_position([max_logit_frame(), max_logit_frame(fixed=True)], TRAIN)
+    (ax,) = fig.axes
+    assert len(data_lines(ax)) == 2 and has_train_marker(ax)
+    assert legend_labels(fig) == ["run 1", "run 2", "pretraining length (64)"]
+    assert_saved(fig, tmp_path)
+
+
+def test_entropy_by_position_has_ln_n_reference(tmp_path):
+    fig = plotting.plot_entropy_by_position(
+        {"before": entropy_frame(), "after": entropy_frame(fixed=True)}, TRAIN
+    )
+    (ax,) = fig.axes
+    assert len(data_lines(ax)) == 2 and len(bands(ax)) == 2 and has_train_marker(ax)
+    (ln_n,) = [line for line in ax.get_lines() if line.get_gid() == plotting.LN_N_GID]
+    assert ln_n.get_label() == "ln n (uniform)" and ln_n.get_linestyle() == "--"
+    np.testing.assert_allclose(ln_n.get_ydata(), np.log(ln_n.get_xdata() + 1))
+    assert legend_labels(fig) == ["before", "after", "ln n (uniform)", "pretraining length (64)"]
+    assert_saved(fig, tmp_path)
+
+
+def test_sink_mass(tmp_path):
+    fig = plotting.plot_sink_mass({"before": entropy_frame(), "after": entropy_frame(fixed=True)}, TRAIN)
+    (ax,) = fig.axes
+    assert len(data_lines(ax)) == 2 and has_train_marker(ax) and ax.get_ylim()[0] == 0
+    assert_saved(fig, tmp_path)
+
+
+def test_hidden_norm_rows_are_metrics_columns_layers(tmp_path):
+    fig = plotting.plot_hidden_norm({"before": hidden_frame(), "after": hidden_frame(fixed=True)}, TRAIN)
+    assert len(fig.axes) == 2 * len(LAYERS)
+    assert [ax.get_yscale() for ax in fig.axes] == ["log", "log", "linear", "linear"]
+    assert all(len(data_lines(ax)) == 2 and has_train_marker(ax) for ax in fig.axes)
+    assert_saved(fig, tmp_path)
+
+
+def test_hidden_pca_single_and_before_after(tmp_path):
+    fig = plotting.plot_hidden_pca(hidden_samples(), first_tokens=5)
+    panels = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    assert [ax.get_title() for ax in panels] == ["layer 0", "layer 1"]
+    assert all(len(ax.collections) == 2 for ax in panels)  # all points, then the first tokens on top
+    first = panels[0].collections[1]
+    assert len(first.get_offsets()) == 10  # positions 0–4 of two sequences
+    assert len(fig.axes) == 3  # two panels and the colour bar
+    fig = plotting.plot_hidden_pca({"before": hidden_samples(0), "after": hidden_samples(1)}, layers=[1])
+    panels = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    assert [ax.get_title() for ax in panels] == ["before · layer 1", "after · layer 1"]
+    assert_saved(fig, tmp_path)
+
+
+def test_hidden_pca_reads_objects_and_subsamples():
+    class Diagnosis:
+        meta = {"hidden_layers": [1]}
+
+        def hidden_samples(self, layer):
+            return hidden_samples()[layer]
+
+    fig = plotting.plot_hidden_pca(Diagnosis(), max_points=100, first_tokens=5)
+    (panel,) = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    assert sum(len(c.get_offsets()) for c in panel.collections) == 100
+    assert len(panel.collections[1].get_offsets()) == 10  # the first tokens are always kept
+    with pytest.raises(OodlensError, match="no layer 5"):
+        plotting.plot_hidden_pca(hidden_samples(), layers=[5])
+
+
+def test_perplexity_by_position(tmp_path):
+    fig = plotting.plot_perplexity_by_position(perplexity_frame(("vanilla", "lm-infinite", "window")), TRAIN)
+    (ax,) = fig.axes
+    assert len(data_lines(ax)) == 3 and has_train_marker(ax) and ax.get_yscale() == "log"
+    assert legend_labels(fig) == ["vanilla", "lm-infinite", "window", "pretraining length (64)"]
+    vanilla = data_lines(ax)[0]
+    assert vanilla.get_xdata()[0] == 16  # bucket centre
+    np.testing.assert_allclose(vanilla.get_ydata()[0], 8.0)
+    assert_saved(fig, tmp_path)
+
+
+def test_perplexity_pools_documents_by_tokens():
+    frame = pd.DataFrame(
+        dict(method="vanilla", start=0, end=10, nll=[np.log(2), np.log(8)], ppl=[2, 8], n_tokens=[1, 3])
+    )
+    fig = plotting.plot_perplexity_by_position(frame)
+    np.testing.assert_allclose(
+        data_lines(fig.axes[0])[0].get_ydata(), [np.exp((np.log(2) + 3 * np.log(8)) / 4)]
+    )
+
+
+def test_perplexity_bucket_with_nan_is_left_off():
+    frame = perplexity_frame(("vanilla",))
+    frame.loc[frame["start"] == 224, "nll"] = np.nan
+    frame = pd.concat([frame, perplexity_frame(("vanilla",))])  # a second document, finite everywhere
+    (line,) = data_lines(plotting.plot_perplexity_by_position(frame).axes[0])
+    assert np.isfinite(line.get_ydata()[:-1]).all() and not np.isfinite(line.get_ydata()[-1])
+
+
+def test_perplexity_before_after_dict_uses_labels():
+    fig = plotting.plot_perplexity_by_position(
+        {"before": perplexity_frame(("vanilla",)), "after": perplexity_frame(("lm-infinite",))}, TRAIN
+    )
+    assert legend_labels(fig) == ["before", "after", "pretraining length (64)"]
+
+
+def test_passkey_heatmap(tmp_path):
+    fig = plotting.plot_passkey_heatmap(passkey_frame(), TRAIN)
+    panels = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    assert [ax.get_title() for ax in panels] == ["vanilla", "lm-infinite"]
+    assert len(fig.axes) == 3
+    for ax in panels:
+        assert len(ax.texts) == 12  # 4 lengths × 3 depths
+        assert has_train_marker(ax, x=2)  # between the 64 and 128 columns
+        (mesh,) = ax.collections
+        assert mesh.get_clim() == (0, 1)
+    values = {t.get_text() for t in panels[0].texts}
+    assert {"0.67", "0.00"} <= values
+    assert [t.get_text() for t in panels[0].get_xticklabels()] == ["32", "64", "128", "256"]
+    assert_saved(fig, tmp_path)
+
+
+def test_method_comparison_grouped_and_faceted(tmp_path):
+    fig = plotting.plot_method_comparison(comparison_frame())
+    (ax,) = fig.axes
+    assert len(ax.containers) == 3  # one bar container per method
+    assert all(len(c) == 2 for c in ax.containers)  # two metrics each
+    assert legend_labels(fig) == ["vanilla", "lm-infinite", "window"]
+    assert (
+        matplotlib.colors.to_hex(ax.containers[0][0].get_facecolor())
+        == plotting.method_color("vanilla").lower()
+    )
+    assert_saved(fig, tmp_path)
+    fig = plotting.plot_method_comparison(comparison_frame(), facet=True, metrics=["ROUGE-L"])
+    assert [ax.get_title() for ax in fig.axes] == ["ROUGE-L"]
+    with pytest.raises(OodlensError, match="'BLEU'"):
+        plotting.plot_method_comparison(comparison_frame(), metrics=["BLEU"])
+
+
+def test_generation_quality(tmp_path):
+    fig = plotting.plot_generation_quality(generation_frame(), TRAIN)
+    assert [ax.get_ylabel() for ax in fig.axes] == ["BLEU", "ROUGE-L"]
+    for ax in fig.axes:
+        assert len(data_lines(ax)) == 2 and len(bands(ax)) == 2 and has_train_marker(ax)
+    assert_saved(fig, tmp_path)
+
+
+def test_result_objects_are_asked_for_their_frame():
+    class PerplexityResult:
+        def to_dataframe(self):
+            return perplexity_frame(("vanilla",))
+
+    class Diagnosis:
+        def logits_by_distance(self):
+            return logits_frame()
+
+    assert len(data_lines(plotting.plot_perplexity_by_position(PerplexityResult()).axes[0])) == 1
+    assert len(data_lines(plotting.plot_logits_by_distance({"before": Diagnosis()}).axes[0])) == 1
+    with pytest.raises(OodlensError, match="DataFrame"):
+        plotting.plot_perplexity_by_position(42)
+
+
+MISSING_COLUMN_CASES: list[tuple[Callable, Callable[[], pd.DataFrame], str]] = [
+    (plotting.plot_logits_by_distance, logits_frame, "running_max"),
+    (plotting.plot_max_logit_by_position, max_logit_frame, "max_logit"),
+    (plotting.plot_entropy_by_position, entropy_frame, "mean"),
+    (plotting.plot_sink_mass, entropy_frame, "sink_mass"),
+    (plotting.plot_hidden_norm, hidden_frame, "cosine_to_later"),
+    (plotting.plot_perplexity_by_position, perplexity_frame, "n_tokens"),
+    (plotting.plot_passkey_heatmap, passkey_frame, "correct"),
+    (plotting.plot_generation_quality, generation_frame, "rouge_l"),
+    (plotting.plot_method_comparison, comparison_frame, "metric"),
+]
+
+
+@pytest.mark.parametrize(
+    ("plot", "make", "column"), MISSING_COLUMN_CASES, ids=lambda c: getattr(c, "__name__", c)
+)
+def test_missing_column_is_named(plot, make, column):
+    with pytest.raises(OodlensError, match=f"lacks column '{column}'"):
+        plot(make().drop(columns=column))
+    with pytest.raises(OodlensError, match=f"lacks column '{column}'"):
+        plot({"before": make(), "after": make().drop(columns=column)})
+
+
+def test_empty_frame_is_refused():
+    with pytest.raises(OodlensError, match="no rows"):
+        plotting.plot_perplexity_by_position(perplexity_frame().iloc[:0])
