@@ -424,15 +424,17 @@ def plot_logits_by_distance(
     """Attention logits against query–key distance (Fig. 1a), mean over heads with a band over heads.
 
     Reads the logits-by-distance frame (``Diagnosis.logits_by_distance``): columns layer, head, bin_start,
-    bin_end and ``stat``, one of running_max (the paper's logit bound: running max of the last query's
-    logits over distances up to x; default), max, mean or last_query_max. x is the distance bin's centre on
-    a log axis. Heads of all selected ``layers`` are pooled, or each layer gets a panel with ``facet=True``.
+    bin_end (bins are ``[bin_start, bin_end)``) and ``stat``, one of running_max (default: the paper's logit
+    bound, the last query's largest logit over all distances below x, plotted at x = bin_end), max, mean or
+    last_query_max (plotted at the bin centre). x is on a log axis unless ``logx=False``. Heads of all
+    selected ``layers`` are pooled, or each layer gets a panel with ``facet=True``.
     band: "range" (min–max over heads), "std" (±1 std) or None.
     """
     if stat not in LOGIT_STAT_LABELS:
         raise OodlensError(f"stat must be one of {', '.join(LOGIT_STAT_LABELS)}; got {stat!r}")
     runs = _runs(data, "logits-by-distance", [*BINNED_HEAD_COLUMNS, stat], "logits_by_distance")
-    runs["distance"] = _bin_centres(runs)
+    # running_max covers every distance below bin_end; the other statistics describe the bin.
+    runs["distance"] = runs["bin_end"] if stat == "running_max" else _bin_centres(runs)
     return _stat_panels(
         runs,
         "distance",
@@ -482,7 +484,7 @@ def _draw_ln_n(ax: Axes, stats: pd.DataFrame) -> None:
     positions = np.sort(stats["position"].unique())
     ax.plot(
         positions,
-        np.log(positions + 1),
+        np.log(positions + 0.5),  # mean keys per query of a bin [s, e): (s + e + 1) / 2
         color="black",
         linestyle="--",
         linewidth=1.1,
@@ -508,7 +510,7 @@ def plot_entropy_by_position(
     Reads the entropy-by-position frame (``Diagnosis.entropy_by_position``): layer, head, bin_start, bin_end,
     mean (mean entropy of the bin's queries). The line is the mean over heads (and layers unless
     ``facet=True``), the band spans the heads; the dashed "ln n (uniform)" curve is the entropy of attending
-    evenly to the n = position + 1 keys a query sees.
+    evenly to the n keys a query sees (n = position + 1; at a bin ``[s, e)``, its mean (s + e + 1) / 2).
     """
     runs = _runs(data, "entropy-by-position", [*BINNED_HEAD_COLUMNS, "mean"], "entropy_by_position")
     runs["position"] = _bin_centres(runs)
@@ -727,7 +729,7 @@ def plot_hidden_pca(
 
 # ------------------------------------------------------------------------------------------ evaluation
 
-PERPLEXITY_COLUMNS = ["method", "start", "end", "nll", "n_tokens"]
+PERPLEXITY_COLUMNS = ["start", "end", "nll", "n_tokens"]  # method optional (StreamingResult has none)
 PASSKEY_COLUMNS = ["method", "length", "depth", "correct"]
 GENERATION_COLUMNS = ["method", "milestone", "bleu", "rouge_l"]
 COMPARISON_COLUMNS = ["method", "metric", "value"]
@@ -739,9 +741,10 @@ def plot_perplexity_by_position(
 ) -> Figure:
     """Perplexity per position bucket (Fig. 3), one line per method, log y, bucket centres on x.
 
-    Reads the perplexity frame (``PerplexityResult.to_dataframe``): method, start, end, nll (mean per
-    token), n_tokens. Rows of the same method and bucket (e.g. several documents) are pooled token-weighted:
-    exp(Σ nll·n / Σ n). Buckets whose nll is NaN or infinite (a model that overflowed) are left off.
+    Reads the perplexity frame (``PerplexityResult`` or ``StreamingResult.to_dataframe``): start, end, nll
+    (mean per token), n_tokens, and method where there is one (else the dict label names the line). Rows
+    of the same method and bucket (e.g. several documents) are pooled token-weighted: exp(Σ nll·n / Σ n).
+    Buckets whose nll is NaN or infinite (a model that overflowed) are left off.
     """
     runs = _runs(data, "perplexity", PERPLEXITY_COLUMNS)
     runs["position"] = (runs["start"] + runs["end"]) / 2

@@ -282,11 +282,13 @@ def test_logits_by_distance_overlays_before_after(tmp_path):
     before = data_lines(ax)[0]
     assert before.get_color() == plotting.method_color("vanilla")
     assert np.all(np.diff(before.get_ydata()) >= 0)  # running max never falls
+    assert list(before.get_xdata()) == [1, 2, 4, 8, 16, 32, 64, 128, 256]  # over distances below bin_end
     assert_saved(fig, tmp_path)
 
 
 def test_logits_by_distance_facets_and_stats():
     fig = plotting.plot_logits_by_distance(logits_frame(), TRAIN, facet=True, stat="mean", band="std")
+    assert data_lines(fig.axes[0])[0].get_xdata()[0] == 0.5  # bin [0, 1) at its centre
     assert [ax.get_title() for ax in fig.axes] == ["layer 0", "layer 1"]
     assert all(len(data_lines(ax)) == 1 and has_train_marker(ax) for ax in fig.axes)
     assert legend_labels(fig) == ["pretraining length (64)"] and fig.legends  # one legend beside the panels
@@ -322,7 +324,7 @@ def test_entropy_by_position_has_ln_n_reference(tmp_path):
     assert len(data_lines(ax)) == 2 and len(bands(ax)) == 2 and has_train_marker(ax)
     (ln_n,) = [line for line in ax.get_lines() if line.get_gid() == plotting.LN_N_GID]
     assert ln_n.get_label() == "ln n (uniform)" and ln_n.get_linestyle() == "--"
-    np.testing.assert_allclose(ln_n.get_ydata(), np.log(ln_n.get_xdata() + 1))
+    np.testing.assert_allclose(ln_n.get_ydata(), np.log(ln_n.get_xdata() + 0.5))  # bin [0, 16): mean n 8.5
     assert legend_labels(fig) == ["before", "after", "ln n (uniform)", "pretraining length (64)"]
     assert_saved(fig, tmp_path)
 
@@ -398,6 +400,12 @@ def test_perplexity_bucket_with_nan_is_left_off():
     frame = pd.concat([frame, perplexity_frame(("vanilla",))])  # a second document, finite everywhere
     (line,) = data_lines(plotting.plot_perplexity_by_position(frame).axes[0])
     assert np.isfinite(line.get_ydata()[:-1]).all() and not np.isfinite(line.get_ydata()[-1])
+
+
+def test_perplexity_accepts_streaming_frames_without_method():
+    stream = perplexity_frame(("lm-infinite",)).drop(columns="method")  # StreamingResult.to_dataframe()
+    fig = plotting.plot_perplexity_by_position({"lm-infinite": stream}, TRAIN)
+    assert data_lines(fig.axes[0])[0].get_color() == plotting.method_color("lm-infinite")
 
 
 def test_perplexity_before_after_dict_uses_labels():
