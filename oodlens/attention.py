@@ -25,6 +25,7 @@ model at their absolute positions, GQA not repeated), output ``[B, Q, Hq, D]``.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -268,10 +269,43 @@ def _segment_fused(seg: Segment, scale: float, want_mean: bool) -> Partial:
     return Partial(out, lse.float(), mean)
 
 
+_FUSED_VERIFIED: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def fused_kernel_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Check once per device type and dtype that the fused kernel agrees with the float32 reference.
+
+    The fused kernels are private PyTorch operators whose signatures move between releases; on a mismatch or
+    an error we warn once and use the reference kernel instead of returning wrong numbers.
+    """
+    token = (device.type, dtype)
+    if token not in _FUSED_VERIFIED:
+        gen = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, 4, n, 16, generator=gen).to(device, dtype) for n in (8, 12, 12))
+        mask = torch.ones(8, 12, dtype=torch.bool, device=device).tril(4)
+        ok = True
+        try:
+            for seg in (Segment(slice(0, 8), q, k[:, :2], v[:, :2], mask), Segment(slice(0, 8), q, k[:, :2, :8], v[:, :2, :8], "causal")):
+                fused, ref = _segment_fused(seg, 0.25, True), _segment_math(seg, 0.25, None, True)
+                tol = 1e-4 if dtype == torch.float32 else 3e-2
+                ok &= all(torch.allclose(a, b, atol=tol, rtol=tol) for a, b in
+                          ((fused.out, ref.out), (fused.lse, ref.lse), (fused.mean_logit, ref.mean_logit)))
+        except (RuntimeError, TypeError) as error:
+            ok = False
+            warnings.warn(f"oodlens: fused attention kernel unavailable on {device.type} ({error}); using the "
+                          "float32 reference kernel (slower)", stacklevel=2)
+        else:
+            if not ok:
+                warnings.warn(f"oodlens: fused attention kernel disagrees with the reference on {device.type}; "
+                              "using the float32 reference kernel (slower)", stacklevel=2)
+        _FUSED_VERIFIED[token] = ok
+    return _FUSED_VERIFIED[token]
+
+
 def run_segment(seg: Segment, scale: float, softcap: float | None, want_mean: bool) -> Partial:
     """Dispatch one segment to the fused kernel when it can serve it, else to the float32 reference."""
-    fused_ok = softcap is None and seg.queries.device.type in ("cpu", "cuda")
-    if fused_ok:
+    q = seg.queries
+    if softcap is None and q.device.type in ("cpu", "cuda") and fused_kernel_works(q.device, q.dtype):
         return _segment_fused(seg, scale, want_mean)
     return _segment_math(seg, scale, softcap, want_mean)
 

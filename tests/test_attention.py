@@ -177,3 +177,21 @@ def test_bad_lengths_are_rejected():
         oodlens.apply_lm_infinite(model, n_local=0)
     with pytest.raises(oodlens.OodlensError, match="unknown method"):
         oodlens.policy_by_name("streaming")
+
+
+def test_broken_fused_kernel_falls_back_to_reference(monkeypatch):
+    from oodlens import attention
+
+    model = tiny_model("llama").model
+    ids = _ids(model)
+    with torch.no_grad(), oodlens.apply_lm_infinite(model, n_global=3, n_local=20, train_length=24):
+        expected = model(ids).logits
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("operator signature changed")
+
+        monkeypatch.setattr(attention, "_segment_fused", broken)
+        monkeypatch.setattr(attention, "_FUSED_VERIFIED", {})
+        with pytest.warns(UserWarning, match="reference kernel"):
+            got = model(ids).logits
+    assert (got - expected).abs().max().item() < TOL
