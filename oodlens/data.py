@@ -157,7 +157,7 @@ def passkey_prompt(tokenizer: Any, length: int, depth: float, seed: int = 0) -> 
     Intro, then filler blocks with the needle "The pass key is <key>. Remember it. ..." after the fraction
     `depth` (0..1) of them, then "What is the pass key? The pass key is". The 5-digit key comes from the
     seed. Each piece is tokenised on its own so the count is exact: the prompt has between
-    `length - tokens_per_filler_block + 1` and `length` tokens (a filler block is 25 SmolLM2 tokens).
+    `length - tokens_per_filler_block + 1` and `length` tokens (a filler block is 24 SmolLM2 tokens).
     """
     if not 0.0 <= depth <= 1.0:
         raise OodlensError(f"depth must lie in [0, 1] (a fraction of the filler), got {depth}")
