@@ -97,31 +97,35 @@ def model_info(model: PreTrainedModel, name: str | None = None, train_length: in
     config's name_or_path.
     """
     config = model.config
-    if train_length is not None:
-        _check_train_length(train_length)
-    n_heads = config.num_attention_heads
-    n_kv_heads = 1 if getattr(config, "multi_query", False) else getattr(config, "num_key_value_heads", None)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
-    position_encoding = _position_encoding(model)
-    rope = _rope_description(config, head_dim) if position_encoding == "rope" else (None, None, 0.0)
-    parameter = next(model.parameters())
     if train_length is None:
         train_length, train_length_source = _pretraining_length(config)
     else:
+        _check_train_length(train_length)
         train_length_source = "user"
+    n_heads = config.num_attention_heads
+    n_kv_heads = getattr(config, "num_key_value_heads", None) or n_heads
+    if getattr(config, "multi_query", False):  # GPT-BigCode: one key/value head
+        n_kv_heads = 1
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    position_encoding = _position_encoding(model)
+    if position_encoding == "rope":
+        rope_theta, rope_type, rotary_fraction = _rope_description(config, head_dim)
+    else:
+        rope_theta, rope_type, rotary_fraction = None, None, 0.0
+    parameter = next(model.parameters())
     return ModelInfo(
         name=name or config.name_or_path or config.model_type,
         family=config.model_type,
         n_layers=config.num_hidden_layers,
         n_heads=n_heads,
-        n_kv_heads=n_kv_heads or n_heads,
+        n_kv_heads=n_kv_heads,
         head_dim=head_dim,
         hidden_size=config.hidden_size,
         vocab_size=config.vocab_size,
         position_encoding=position_encoding,
-        rope_theta=rope[0],
-        rope_type=rope[1],
-        rotary_fraction=rope[2],
+        rope_theta=rope_theta,
+        rope_type=rope_type,
+        rotary_fraction=rotary_fraction,
         rope_interleaved=position_encoding == "rope" and config.model_type in INTERLEAVED_ROPE_FAMILIES,
         sliding_window=_sliding_window(config),
         train_length=train_length,
@@ -148,7 +152,7 @@ def load_model(
     train_length: overrides the pretraining length read from the model.
     """
     if train_length is not None:
-        _check_train_length(train_length)
+        _check_train_length(train_length)  # before a load that can take half a minute
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     model, tokenizer = _load_model_and_tokenizer(name, torch_device, torch_dtype)

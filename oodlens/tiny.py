@@ -31,19 +31,6 @@ from transformers import (
 from oodlens.errors import OodlensError
 from oodlens.models import LoadedModel, extend_rotary_tables, model_info
 
-TINY_FAMILIES = (
-    "llama",
-    "mistral",
-    "mistral-sliding",
-    "qwen2",
-    "qwen3",
-    "gemma2",
-    "gemma3",
-    "phi3",
-    "gpt_neox",
-    "gptj",
-    "gpt2",
-)
 TINY_TRAIN_LENGTH = 64
 TINY_VOCAB_SIZE = 300
 TINY_SLIDING_WINDOW = 16
@@ -64,48 +51,49 @@ LLAMA_LIKE_SIZES = dict(
     max_position_embeddings=TINY_TRAIN_LENGTH,
     **TOKEN_IDS,
 )
+# Phi-3 derives head_dim from the hidden size and head count.
+PHI3_SIZES = {key: value for key, value in LLAMA_LIKE_SIZES.items() if key != "head_dim"}
 
-
-def _config(family: str) -> PretrainedConfig:
-    """The family's config at tiny size (sliding windows and partial rotary as named in TINY_FAMILIES)."""
-    if family == "llama":
-        return LlamaConfig(**LLAMA_LIKE_SIZES)
-    if family == "mistral":
-        return MistralConfig(**LLAMA_LIKE_SIZES, sliding_window=None)
-    if family == "mistral-sliding":
-        return MistralConfig(**LLAMA_LIKE_SIZES, sliding_window=TINY_SLIDING_WINDOW)
-    if family == "qwen2":
-        return Qwen2Config(**LLAMA_LIKE_SIZES)
-    if family == "qwen3":
-        return Qwen3Config(**LLAMA_LIKE_SIZES)
-    if family == "gemma2":
-        # Alternating local (sliding) and global layers; logits soft-capped as in the real Gemma 2.
-        return Gemma2Config(
-            **LLAMA_LIKE_SIZES,
+# family -> (config class, constructor arguments)
+TINY_CONFIGS: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {
+    "llama": (LlamaConfig, LLAMA_LIKE_SIZES),
+    "mistral": (MistralConfig, LLAMA_LIKE_SIZES | dict(sliding_window=None)),
+    "mistral-sliding": (MistralConfig, LLAMA_LIKE_SIZES | dict(sliding_window=TINY_SLIDING_WINDOW)),
+    "qwen2": (Qwen2Config, LLAMA_LIKE_SIZES),
+    "qwen3": (Qwen3Config, LLAMA_LIKE_SIZES),
+    # Alternating local (sliding) and global layers; logits soft-capped as in the real Gemma 2.
+    "gemma2": (
+        Gemma2Config,
+        LLAMA_LIKE_SIZES
+        | dict(
             sliding_window=TINY_SLIDING_WINDOW,
             attn_logit_softcapping=50.0,
             final_logit_softcapping=30.0,
             query_pre_attn_scalar=16,
-        )
-    if family == "gemma3":
-        # Two local layers then one global, each kind with its own rotary base, as in the real Gemma 3.
-        sizes = LLAMA_LIKE_SIZES | dict(num_hidden_layers=3)
-        return Gemma3TextConfig(
-            **sizes,
+        ),
+    ),
+    # Two local layers then one global, each kind with its own rotary base, as in the real Gemma 3.
+    "gemma3": (
+        Gemma3TextConfig,
+        LLAMA_LIKE_SIZES
+        | dict(
+            num_hidden_layers=3,
             sliding_window=TINY_SLIDING_WINDOW,
             layer_types=["sliding_attention", "sliding_attention", "full_attention"],
             query_pre_attn_scalar=16,
-        )
-    if family == "phi3":
-        # Phi-3 derives head_dim from the hidden size and head count.
-        sizes = {key: value for key, value in LLAMA_LIKE_SIZES.items() if key != "head_dim"}
-        return Phi3Config(
-            **sizes,
+        ),
+    ),
+    "phi3": (
+        Phi3Config,
+        PHI3_SIZES
+        | dict(
             original_max_position_embeddings=TINY_TRAIN_LENGTH,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
-        )
-    if family == "gpt_neox":
-        return GPTNeoXConfig(
+        ),
+    ),
+    "gpt_neox": (
+        GPTNeoXConfig,
+        dict(
             hidden_size=64,
             intermediate_size=128,
             num_hidden_layers=2,
@@ -114,31 +102,50 @@ def _config(family: str) -> PretrainedConfig:
             max_position_embeddings=TINY_TRAIN_LENGTH,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
             **TOKEN_IDS,
-        )
-    if family == "gptj":
-        # Rotates only the first 8 of 16 dimensions per head, pairing neighbours (rotate_every_two).
-        return GPTJConfig(
-            n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=TINY_TRAIN_LENGTH,
-            vocab_size=TINY_VOCAB_SIZE, **TOKEN_IDS,
-        )  # fmt: skip
-    if family == "gpt2":
-        # Learned absolute positions: the family LM-Infinite cannot fix.
-        return GPT2Config(
-            n_embd=64, n_layer=2, n_head=4, n_positions=TINY_TRAIN_LENGTH, vocab_size=TINY_VOCAB_SIZE,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **TOKEN_IDS,
-        )  # fmt: skip
-    raise OodlensError(f"unknown tiny family {family!r}: use one of {', '.join(TINY_FAMILIES)}")
+        ),
+    ),
+    # Rotates only the first 8 of 16 dimensions per head, pairing neighbours (rotate_every_two).
+    "gptj": (
+        GPTJConfig,
+        dict(
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            rotary_dim=8,
+            n_positions=TINY_TRAIN_LENGTH,
+            vocab_size=TINY_VOCAB_SIZE,
+            **TOKEN_IDS,
+        ),
+    ),
+    # Learned absolute positions: the family LM-Infinite cannot fix.
+    "gpt2": (
+        GPT2Config,
+        dict(
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_positions=TINY_TRAIN_LENGTH,
+            vocab_size=TINY_VOCAB_SIZE,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            **TOKEN_IDS,
+        ),
+    ),
+}
+TINY_FAMILIES = tuple(TINY_CONFIGS)
 
 
 def tiny_model(family: str, seed: int = 0, **overrides: Any) -> LoadedModel:
     """A tiny float32 CPU model of `family` with weights drawn from `seed`, in eval mode.
 
-    overrides: config attributes to change, e.g. `num_hidden_layers=3` or `max_position_embeddings=128`.
-    The global torch RNG is left as it was.
+    overrides: config constructor arguments to change, e.g. `num_hidden_layers=3` or
+    `max_position_embeddings=128`. The global torch RNG is left as it was.
     """
-    config = _config(family)
-    for key, value in overrides.items():
-        setattr(config, key, value)
+    if family not in TINY_CONFIGS:
+        raise OodlensError(f"unknown tiny family {family!r}: use one of {', '.join(TINY_FAMILIES)}")
+    config_class, arguments = TINY_CONFIGS[family]
+    config = config_class(**(arguments | overrides))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         # transformers picks SDPA attention where the family has it (all but Gemma 2, whose soft-capping
