@@ -40,7 +40,6 @@ DTYPES = {
 
 # Families whose rotary embedding pairs neighbouring dimensions (GPT-J's rotate_every_two) instead of
 # the two halves of the head (Llama's rotate_half).
-INTERLEAVED_ROPE_FAMILIES = frozenset({"gptj", "codegen", "cohere", "cohere2", "glm", "glm4"})
 # GPT-J and CodeGen hard-code the rotary base in their modeling code instead of the config.
 DEFAULT_ROPE_THETA = 10000.0
 ALIBI_FAMILIES = frozenset({"bloom", "mpt"})
@@ -90,6 +89,14 @@ class LoadedModel:
     info: ModelInfo
 
 
+def _interleaved_rope(model: PreTrainedModel) -> bool:
+    from oodlens.policies import attention_modules
+    from oodlens.rope import interleaved_pairs
+
+    modules = attention_modules(model)
+    return bool(modules) and interleaved_pairs(modules[0])
+
+
 def model_info(model: PreTrainedModel, name: str | None = None, train_length: int | None = None) -> ModelInfo:
     """Describe an already-loaded transformers causal LM.
 
@@ -126,7 +133,7 @@ def model_info(model: PreTrainedModel, name: str | None = None, train_length: in
         rope_theta=rope_theta,
         rope_type=rope_type,
         rotary_fraction=rotary_fraction,
-        rope_interleaved=position_encoding == "rope" and config.model_type in INTERLEAVED_ROPE_FAMILIES,
+        rope_interleaved=position_encoding == "rope" and _interleaved_rope(model),
         sliding_window=_sliding_window(config),
         train_length=train_length,
         train_length_source=train_length_source,

@@ -94,6 +94,21 @@ class RotarySpec:
         return self._apply(x, cos, sin)
 
 
+def interleaved_pairs(attention: nn.Module) -> bool:
+    """Whether the family of ``attention`` rotates neighbouring channels (GPT-J, CodeGen, Cohere, GLM).
+
+    Asked of the family's own helper rather than a list of names: its ``rotate_every_two`` or ``rotate_half``
+    is applied to ``[1, 2, 3, 4]``; the half-split layout gives ``[-3, -4, 1, 2]``, the interleaved one
+    ``[-2, 1, -4, 3]``.
+    """
+    modeling = sys.modules.get(type(attention).__module__)
+    rotate = getattr(modeling, "rotate_every_two", None) or getattr(modeling, "rotate_half", None)
+    if rotate is None:
+        return False
+    probe = torch.arange(1.0, 5.0).reshape(1, 1, 1, 4)
+    return rotate(probe).flatten().tolist() == [-2.0, 1.0, -4.0, 3.0]
+
+
 def _gptj_style_inv_freq(rotary: nn.Module) -> torch.Tensor:
     dim = rotary.pos_embd_dim
     return 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.int64) / dim))
@@ -118,8 +133,7 @@ def rotary_spec_for(model: nn.Module, attention: nn.Module) -> RotarySpec:
             f"{type(model).__name__} has no rotary position embedding; the distance limit needs RoPE "
             "(use a RoPE model such as Llama, Mistral, Qwen, Gemma, Phi3, GPT-NeoX or GPT-J)"
         )
-    modeling = sys.modules.get(type(attention).__module__)
-    interleaved = hasattr(modeling, "rotate_every_two")
+    interleaved = interleaved_pairs(attention)
     layer_type = getattr(attention, "layer_type", None)
     if layer_type is None:
         layer_types = getattr(getattr(attention, "config", None), "layer_types", None)
