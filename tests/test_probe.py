@@ -1,0 +1,145 @@
+"""The probe command end to end on tiny models, its output folder, and its errors."""
+
+from __future__ import annotations
+
+import json
+
+import matplotlib.image
+import pytest
+
+from oodlens import probe, report
+
+TINY_RUN = ["--length", "400", "--new-tokens", "8", "--no-progress", "--bucket", "64"]
+
+
+def run_cli(tmp_path, *extra, name="out"):
+    out = tmp_path / name
+    code = probe.main(["--model", "tiny:llama", "--out", str(out), *TINY_RUN, *extra])
+    return code, out
+
+
+@pytest.fixture(scope="module")
+def probe_folder(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("probe")
+    code, out = run_cli(tmp, "--stream-tokens", "300")
+    assert code == 0
+    return out
+
+
+def test_summary_schema(probe_folder):
+    summary = json.loads((probe_folder / "summary.json").read_text())
+    for key in ("model", "train_length", "length", "corpus", "versions", "methods", "verdict"):
+        assert key in summary
+    assert summary["train_length"] == 64 and summary["length"] == 400
+    assert set(summary["methods"]) == {"vanilla", "lm-infinite", "vanilla-truncated"}
+    for name in ("vanilla", "lm-infinite"):
+        block = summary["methods"][name]
+        buckets = block["perplexity_by_position"]
+        assert buckets[0]["start"] == 0 and buckets[-1]["end"] == 400
+        assert all(set(b) == {"start", "end", "ppl"} for b in buckets)
+        for key in ("max_logit_within", "max_logit_beyond", "entropy_within", "entropy_beyond"):
+            assert isinstance(block["diagnosis"][key], float)
+        assert set(block["passkey"]) == {"400"}
+    assert summary["streaming"]["n_tokens"] == 300
+
+
+def test_figures_are_real_images(probe_folder):
+    pngs = sorted((probe_folder / "figures").glob("*.png"))
+    expected = {"logits_by_distance", "entropy_by_position", "hidden_pca", "perplexity_by_position", "passkey",
+                "generation_quality", "method_comparison", "sink_mass", "streaming_perplexity"}
+    assert expected <= {p.stem for p in pngs}
+    for png in pngs:
+        image = matplotlib.image.imread(png)
+        assert image.shape[0] > 300 and image.shape[1] > 300
+        assert image.std() > 0.01  # not a blank canvas
+        assert png.with_suffix(".pdf").stat().st_size > 1000
+
+
+def test_report_mentions_every_method_and_figure(probe_folder):
+    text = (probe_folder / "report.md").read_text()
+    for method in ("vanilla", "lm-infinite", "vanilla-truncated"):
+        assert method in text
+    for png in (probe_folder / "figures").glob("*.png"):
+        assert f"figures/{png.name}" in text
+
+
+def test_saved_diagnosis_loads(probe_folder):
+    from oodlens.capture import Diagnosis
+
+    diagnosis = Diagnosis.load(probe_folder / "diagnosis" / "lm-infinite")
+    assert not diagnosis.logits_by_distance().empty
+
+
+def test_existing_folder_needs_overwrite(tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("precious")
+    code, out = run_cli(tmp_path, "--no-passkey", "--no-generation")
+    assert code == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "precious"
+
+
+def test_interrupted_report_leaves_nothing_half_written(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(report.plotting, "plot_hidden_pca", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        run_cli(tmp_path, "--no-passkey", "--no-generation")
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor a staging copy
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--methods", "vanilla,streaming"], "unknown method"),
+        (["--length", "0"], "positive"),
+        (["--length", "999999999"], "tokens in its longest"),
+        (["--device", "cuda"], "CUDA"),
+        (["--passkey-depths", "1.5"], "depths"),
+        (["--milestones", "399"], "milestone"),
+    ],
+)
+def test_bad_input_is_a_clear_one_line_error(tmp_path, capsys, extra, message):
+    code, out = run_cli(tmp_path, "--no-passkey", *extra)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and err.startswith("error: ") and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_learned_positions_skip_the_fix_but_diagnose(tmp_path):
+    out = tmp_path / "gpt2"
+    code = probe.main(["--model", "tiny:gpt2", "--out", str(out), "--length", "64", "--train-length", "32",
+                       "--no-passkey", "--no-generation", "--no-progress"])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert "rotary" in summary["methods"]["lm-infinite"]["skipped"]
+    assert "diagnosis" in summary["methods"]["vanilla"]
+
+
+def test_length_within_training_warns(tmp_path):
+    with pytest.warns(UserWarning, match="nothing is out of distribution"):
+        code, out = run_cli(tmp_path, "--length", "60", "--no-passkey", "--no-generation")
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert "nothing is out of distribution" in summary["warnings"][0]
+
+
+def test_memory_estimate_refuses_impossible_requests(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(probe, "_available_memory", lambda device: 2**20)
+    code, _ = run_cli(tmp_path, "--no-passkey")
+    err = capsys.readouterr().err
+    assert code == 2 and "try --length" in err
+
+
+@pytest.mark.slow
+def test_smollm2_short_probe(tmp_path, smollm2):
+    config = probe.ProbeConfig(length=1024, train_length=512, passkey_lengths=(1024,), new_tokens=16,
+                               progress=False)
+    result = probe.run_probe(config, loaded=smollm2, log=lambda message: None)
+    folder = report.write_report(result, tmp_path / "smollm2")
+    summary = json.loads((folder / "summary.json").read_text())
+    within = summary["methods"]["vanilla"]["ppl_within_train_length"]
+    assert 1.0 < within < 30.0  # real English prose under a real model
+    assert summary["methods"]["lm-infinite"]["ppl_beyond_train_length"] is not None
