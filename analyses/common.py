@@ -1,0 +1,135 @@
+"""What every analysis script shares: its command line, the model, the token windows, and a result cache.
+
+Each script computes its results once, stores them under ``figures/cache/<script>/`` (JSON and Parquet, with
+the settings that produced them), and redraws figures from that cache on later runs unless ``--recompute``
+is given. ``--quick`` switches to a tiny random model and short lengths so the scripts can be tested in
+seconds; quick runs write into a separate folder so they never overwrite the committed figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from oodlens import plotting
+from oodlens.data import load_corpus, token_windows
+from oodlens.models import LoadedModel, load_model
+
+REPO = Path(__file__).resolve().parent.parent
+QUICK_MODEL = "tiny:llama"
+QUICK_TRAIN_LENGTH = 64
+
+
+@dataclass
+class Settings:
+    """Parsed command line of an analysis script."""
+
+    name: str
+    model: str
+    train_length: int | None
+    out: Path
+    quick: bool
+    recompute: bool
+    windows: int
+    seed: int
+    device: str
+    dtype: str
+    extra: argparse.Namespace
+
+    @property
+    def cache(self) -> Path:
+        return self.out / "cache" / self.name
+
+    def scale(self, full: int, quick: int) -> int:
+        """A length for a full run or a quick run."""
+        return quick if self.quick else full
+
+
+def parse(name: str, description: str, add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+          argv: list[str] | None = None) -> Settings:
+    """The shared options; ``add_arguments`` adds a script's own."""
+    parser = argparse.ArgumentParser(prog=f"python analyses/{name}.py", description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default="smollm2", help="model name or path (see oodlens.models.load_model)")
+    parser.add_argument("--train-length", type=int, default=None, help="pretraining length (default: the model's)")
+    parser.add_argument("--out", type=Path, default=None, help="figure folder (default: figures/, quick: figures/quick/)")
+    parser.add_argument("--quick", action="store_true", help="tiny random model, short lengths (for tests)")
+    parser.add_argument("--recompute", action="store_true", help="ignore cached results")
+    parser.add_argument("--windows", type=int, default=1, help="token windows to average over")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    if add_arguments is not None:
+        add_arguments(parser)
+    args = parser.parse_args(argv)
+    model = QUICK_MODEL if args.quick and args.model == "smollm2" else args.model
+    train_length = args.train_length or (QUICK_TRAIN_LENGTH if args.quick else None)
+    out = args.out or (REPO / "figures" / ("quick" if args.quick else ""))
+    return Settings(name, model, train_length, out, args.quick, args.recompute, args.windows, args.seed,
+                    args.device, args.dtype, args)
+
+
+_LOADED: dict[tuple, LoadedModel] = {}
+
+
+def model(settings: Settings) -> LoadedModel:
+    """The model (loaded once per process, as ``run_all`` runs every script in one process)."""
+    key = (settings.model, settings.device, settings.dtype, settings.train_length)
+    if key not in _LOADED:
+        _LOADED[key] = load_model(settings.model, device=settings.device, dtype=settings.dtype,
+                                  train_length=settings.train_length)
+    return _LOADED[key]
+
+
+def windows(settings: Settings, length: int):
+    """``[settings.windows, length]`` token windows of the embedded python-docs corpus."""
+    loaded = model(settings)
+    return token_windows(load_corpus("python-docs"), loaded.tokenizer, length, n_windows=settings.windows,
+                         seed=settings.seed, join_documents=True)
+
+
+def _write_frame(frame: pd.DataFrame, path: Path) -> None:
+    partial = path.with_suffix(".partial")
+    frame.to_parquet(partial)
+    partial.replace(path)
+
+
+def cached(settings: Settings, key: str, params: dict[str, Any], compute: Callable[[], Any], *,
+           suffix: str = ".parquet", write: Callable[[Any, Path], Any] = _write_frame,
+           read: Callable[[Path], Any] = pd.read_parquet) -> Any:
+    """``compute()`` once per (key, params); later runs ``read`` the stored result unless ``--recompute``.
+
+    By default results are DataFrames stored as Parquet; pass ``write``/``read`` for other objects (e.g. a
+    :class:`~oodlens.capture.Diagnosis` folder).
+    """
+    folder = settings.cache
+    stored, header = folder / f"{key}{suffix}", folder / f"{key}.json"
+    params = {"model": settings.model, "train_length": settings.train_length, "windows": settings.windows,
+              "seed": settings.seed, **params}
+    if not settings.recompute and stored.exists() and header.exists():
+        if json.loads(header.read_text()) == json.loads(json.dumps(params)):
+            return read(stored)
+    result = compute()
+    folder.mkdir(parents=True, exist_ok=True)
+    write(result, stored)
+    header.write_text(json.dumps(params, indent=2))
+    return result
+
+
+def save(settings: Settings, figure, stem: str) -> Path:
+    """Save ``figure`` as ``<out>/<stem>.pdf|png`` and close it; returns the PNG path."""
+    settings.out.mkdir(parents=True, exist_ok=True)
+    _, png = plotting.save_figure(figure, settings.out / stem)
+    plt.close(figure)
+    print(f"wrote {png}")
+    return png
+
+
+def print_table(title: str, frame: pd.DataFrame) -> None:
+    print(f"\n{title}\n{frame.to_string(index=False)}")

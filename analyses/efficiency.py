@@ -1,0 +1,118 @@
+"""Efficiency table: time and peak memory of one forward against length, vanilla vs LM-Infinite (also the
+speed benchmark of LM-Infinite).
+
+Every (method, length) case runs in its own subprocess so peak RSS is measured per case, side by side in one
+run. Prints seconds, average time per token (total / n), marginal time per token (cost of the tokens added
+since the previous length — flat for an O(n) method, growing for vanilla) and the ratios LM-Infinite /
+vanilla.
+
+    python analyses/efficiency.py                                        # 8k, 16k, 32k
+    python analyses/efficiency.py --lengths 131072 --methods lm-infinite  # the 128k run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from oodlens import plotting  # noqa: E402
+from oodlens.policies import apply_policy, policy_by_name  # noqa: E402
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--lengths", default=None, help="comma-separated (default: L, 2L, 4L)")
+    parser.add_argument("--methods", default="vanilla,lm-infinite")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per case")
+    parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print JSON
+
+
+def one_case(settings: common.Settings, method: str, length: int) -> dict:
+    """One forward of ``length`` corpus tokens under ``method`` in this process."""
+    if settings.extra.threads:
+        torch.set_num_threads(settings.extra.threads)
+    loaded = common.model(settings)
+    ids = common.windows(settings, length)[:1]
+    with torch.no_grad(), apply_policy(loaded.model, policy_by_name(method), train_length=loaded.info.train_length):
+        start = time.perf_counter()
+        loaded.model(ids, use_cache=False, logits_to_keep=1)
+        seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return {"method": method, "length": length, "seconds": seconds, "peak_gib": peak}
+
+
+def measure(settings: common.Settings, methods: list[str], lengths: list[int], argv: list[str]) -> pd.DataFrame:
+    rows = []
+    for length in lengths:
+        for method in methods:
+            command = [sys.executable, __file__, *argv, "--case", f"{method}:{length}"]
+            lines = subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()
+            rows.append(json.loads(lines[-1]))
+            print(f"  {method:12s} {length:7d}: {rows[-1]['seconds']:8.1f} s  {rows[-1]['peak_gib']:.2f} GiB", flush=True)
+    return pd.DataFrame(rows)
+
+
+def table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Add average and marginal time per token, and the LM-Infinite / vanilla ratios."""
+    frame = frame.sort_values(["method", "length"]).copy()
+    frame["ms_per_token"] = 1000 * frame.seconds / frame.length
+    grouped = frame.groupby("method")
+    frame["marginal_ms_per_token"] = 1000 * grouped.seconds.diff() / grouped.length.diff()
+    if {"vanilla", "lm-infinite"} <= set(frame.method):
+        wide = frame.pivot(index="length", columns="method", values=["seconds", "peak_gib"])
+        ratios = pd.DataFrame({"time_ratio": wide["seconds"]["lm-infinite"] / wide["seconds"]["vanilla"],
+                               "memory_ratio": wide["peak_gib"]["lm-infinite"] / wide["peak_gib"]["vanilla"]})
+        frame = frame.merge(ratios.reset_index(), on="length", how="left")
+    return frame
+
+
+def figure(frame: pd.DataFrame, train_length: int):
+    with plotting.style():
+        fig, (time_ax, memory_ax) = plt.subplots(1, 2, figsize=(7, 2.8), constrained_layout=True)
+        for method, rows in frame.groupby("method"):
+            color = plotting.method_color(method)
+            time_ax.plot(rows.length, rows.ms_per_token, "o-", color=color, label=method)
+            memory_ax.plot(rows.length, rows.peak_gib, "o-", color=color, label=method)
+        for ax, label in ((time_ax, "time per token (ms)"), (memory_ax, "peak memory (GiB)")):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("sequence length (tokens)")
+            ax.set_ylabel(label)
+            ax.axvline(train_length, color="0.4", ls="--", lw=1, label="pretraining length")
+        time_ax.legend(frameon=False)
+    return fig
+
+
+def run(argv: list[str] | None = None) -> pd.DataFrame:
+    argv = sys.argv[1:] if argv is None else argv
+    settings = common.parse("efficiency", __doc__.splitlines()[0], add_arguments, argv)
+    if settings.extra.case:
+        method, length = settings.extra.case.split(":")
+        print(json.dumps(one_case(settings, method, int(length))))
+        return pd.DataFrame()
+    train = settings.train_length or common.model(settings).info.train_length
+    lengths = ([int(n) for n in settings.extra.lengths.split(",")] if settings.extra.lengths
+               else [train, 2 * train, 4 * train])
+    methods = settings.extra.methods.split(",")
+    clean_argv = [a for a in argv if a != "--recompute"]
+    frame = common.cached(settings, f"timings-{'-'.join(methods)}-{'-'.join(map(str, lengths))}",
+                          {"lengths": lengths, "methods": methods}, lambda: measure(settings, methods, lengths, clean_argv))
+    result = table(frame)
+    common.print_table("one forward pass", result)
+    if len(lengths) > 1:
+        common.save(settings, figure(result, train), "efficiency")
+    return result
+
+
+if __name__ == "__main__":
+    run()

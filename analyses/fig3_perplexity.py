@@ -1,0 +1,73 @@
+"""Figure 3 of the paper: perplexity by position far beyond the pretraining length (also the quality
+benchmark of LM-Infinite).
+
+Methods: LM-Infinite and the content-matched baseline ``vanilla-truncated`` (vanilla with its context cut to
+the pretraining length) to ``--length`` (default 4 × train length), vanilla to ``--vanilla-length`` (default
+2 × train length; it has exploded well before). Prints perplexity over [L, 2L) and [2L, 4L) and the ratio
+LM-Infinite / baseline (goal ≤ 1.10), and vanilla's ratio past 1.5 L (goal > 10).
+
+    python analyses/fig3_perplexity.py --windows 3
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from oodlens import plotting  # noqa: E402
+from oodlens.evaluate import TRUNCATED_BASELINE, PerplexityResult, perplexity_by_position  # noqa: E402
+from oodlens.policies import lm_infinite, vanilla  # noqa: E402
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--length", type=int, default=None, help="default: 4 × train length")
+    parser.add_argument("--vanilla-length", type=int, default=None, help="default: 2 × train length")
+    parser.add_argument("--bucket", type=int, default=None, help="position bucket (default: train length / 8)")
+
+
+def _as_frame(result: PerplexityResult) -> pd.DataFrame:
+    return pd.DataFrame(result.token_nll)
+
+
+def run(argv: list[str] | None = None) -> pd.DataFrame:
+    settings = common.parse("fig3_perplexity", __doc__.splitlines()[0], add_arguments, argv)
+    loaded = common.model(settings)
+    train = loaded.info.train_length
+    length = settings.extra.length or 4 * train
+    vanilla_length = min(settings.extra.vanilla_length or 2 * train, length)
+    bucket = settings.extra.bucket or max(train // 8, 1)
+    ids = common.windows(settings, length)
+    long = common.cached(settings, "long", {"length": length}, lambda: _as_frame(
+        perplexity_by_position(loaded.model, ids, [lm_infinite()], train_length=train, bucket=bucket)))
+    short = common.cached(settings, "vanilla", {"length": vanilla_length}, lambda: _as_frame(
+        perplexity_by_position(loaded.model, ids[:, :vanilla_length], [vanilla()], train_length=train,
+                               bucket=bucket, truncated_baseline=False)))
+    token_nll = {method: long[method].to_numpy() for method in long}
+    # vanilla was run on the first tokens only: NaN beyond, so its buckets there stay empty
+    token_nll["vanilla"] = np.concatenate([short["vanilla"].to_numpy(), np.full(length - vanilla_length, np.nan)])
+    result = PerplexityResult(token_nll, train, length, settings.windows, bucket)
+    frame = result.to_dataframe().dropna(subset=["nll"])
+    common.save(settings, plotting.plot_perplexity_by_position(frame, train), "fig3_perplexity_by_position")
+
+    rows = []
+    for start, end in ((train, 2 * train), (2 * train, 4 * train), (3 * train // 2, 2 * train)):
+        if end <= length:
+            line = {"tokens": f"{start}-{end}"}
+            line |= {method: result.ppl(method, start, end) for method in ("vanilla", "lm-infinite", TRUNCATED_BASELINE)}
+            line["lm-infinite / baseline"] = line["lm-infinite"] / line[TRUNCATED_BASELINE]
+            line["vanilla / baseline"] = line["vanilla"] / line[TRUNCATED_BASELINE]
+            rows.append(line)
+    summary = pd.DataFrame(rows)
+    common.print_table(f"perplexity ({settings.windows} window(s), train length {train})", summary)
+    summary.to_csv(settings.cache / "summary.csv", index=False)
+    return summary
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,47 @@
+"""Table 3 of the paper: quality of text generated after long contexts (BLEU, ROUGE-L against the real
+continuation of the corpus), vanilla against LM-Infinite.
+
+    python analyses/table3_generation.py --milestones 4096,8192,12288 --new-tokens 64
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from oodlens import plotting  # noqa: E402
+from oodlens.evaluate import generation_quality  # noqa: E402
+from oodlens.policies import lm_infinite, vanilla  # noqa: E402
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--milestones", default=None, help="comma-separated (default: L/2, L, 1.5 L)")
+    parser.add_argument("--new-tokens", type=int, default=64)
+
+
+def run(argv: list[str] | None = None) -> pd.DataFrame:
+    settings = common.parse("table3_generation", __doc__.splitlines()[0], add_arguments, argv)
+    loaded = common.model(settings)
+    train = loaded.info.train_length
+    milestones = ([int(n) for n in settings.extra.milestones.split(",")] if settings.extra.milestones
+                  else [train // 2, train, 3 * train // 2])
+    new_tokens = settings.extra.new_tokens
+    ids = common.windows(settings, max(milestones) + new_tokens)
+    rows = common.cached(
+        settings, "rows", {"milestones": milestones, "new_tokens": new_tokens},
+        lambda: generation_quality(loaded.model, loaded.tokenizer, ids, [vanilla(), lm_infinite()],
+                                   milestones=milestones, new_tokens=new_tokens, train_length=train).to_dataframe())
+    common.save(settings, plotting.plot_generation_quality(rows, train), "table3_generation")
+    table = rows.groupby(["method", "milestone"])[["bleu", "rouge_l"]].mean().reset_index()
+    common.print_table(f"generation quality, {new_tokens} new tokens (train length {train})", table)
+    table.to_csv(settings.cache / "table.csv", index=False)
+    return table
+
+
+if __name__ == "__main__":
+    run()
