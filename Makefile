@@ -8,7 +8,7 @@ TORCH_VERSION := 2.13.0
 PYTEST_ARGS ?=
 PROBE_ARGS ?=
 
-.PHONY: venv probe test lint
+.PHONY: venv probe test lint figures lab
 
 venv: $(INSTALLED)
 
@@ -31,3 +31,9 @@ test: venv
 
 lint: venv
 	$(VENV_PYTHON) -m ruff check .
+
+figures: venv
+	$(VENV_PYTHON) analyses/run_all.py $(FIGURE_ARGS)
+
+lab: venv
+	$(VENV)/bin/jupyter lab notebooks/
