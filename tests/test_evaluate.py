@@ -1,0 +1,330 @@
+"""Evaluations on tiny models: transformers' own loss, bucketing, baselines, streaming, scoring, memory."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from oodlens import evaluate
+from oodlens.errors import OodlensError
+from oodlens.policies import distance_limit, lm_infinite, vanilla
+from oodlens.tiny import TINY_TRAIN_LENGTH, tiny_model
+
+STREAM_POLICY = lm_infinite(n_global=3, n_local=20, distance_limit=24)
+
+
+def _ids(shape: tuple[int, ...], seed: int = 0) -> torch.LongTensor:
+    return torch.randint(3, 256, shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_model("llama")
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt_neox"])
+def test_perplexity_equals_transformers_loss(family):
+    model = tiny_model(family).model  # gemma2: soft-capped attention and final logits
+    ids = _ids((1, 48))
+    with torch.no_grad():
+        expected = math.exp(model(ids, labels=ids).loss.item())
+    result = evaluate.perplexity_by_position(
+        model,
+        ids,
+        [vanilla()],
+        train_length=TINY_TRAIN_LENGTH,
+        chunk=7,
+        truncated_baseline=False,
+        progress=False,
+    )
+    assert result.ppl("vanilla") == pytest.approx(expected, rel=1e-4)
+
+
+def test_chunk_size_does_not_change_the_nll(llama):
+    ids = _ids((2, 40))
+    results = [
+        evaluate.perplexity_by_position(
+            llama.model,
+            ids,
+            [STREAM_POLICY],
+            train_length=TINY_TRAIN_LENGTH,
+            chunk=chunk,
+            truncated_baseline=False,
+            progress=False,
+        )
+        for chunk in (1, 13, 1024)
+    ]
+    for other in results[1:]:
+        torch.testing.assert_close(
+            other.token_nll["lm-infinite"],
+            results[0].token_nll["lm-infinite"],
+            rtol=0,
+            atol=1e-5,
+            equal_nan=True,
+        )
+
+
+def test_buckets_cover_every_scored_token_once(llama):
+    ids = _ids((3, 50))
+    result = evaluate.perplexity_by_position(
+        llama.model, ids, [vanilla()], train_length=TINY_TRAIN_LENGTH, bucket=16, progress=False
+    )
+    table = result.to_dataframe()
+    for _, rows in table.groupby("method"):
+        assert rows.start.tolist() == [0, 16, 32, 48] and rows.end.tolist() == [16, 32, 48, 50]
+        assert rows.n_tokens.sum() == 3 * 49  # every position but the first, in every window
+        pooled = (rows.nll * rows.n_tokens).sum() / rows.n_tokens.sum()
+        assert pooled == pytest.approx(result.mean_nll(rows.method.iloc[0]), rel=1e-6)
+    summary = result.summary()
+    assert json.loads(json.dumps(summary)) == summary
+    assert set(summary["methods"]["vanilla"]["buckets"][0]) == {"start", "end", "ppl"}
+    assert summary["methods"]["vanilla"]["ppl_beyond_train_length"] is None  # 50 < 64 positions
+
+
+def test_truncated_baseline_equals_vanilla_within_train_length(llama):
+    ids = _ids((1, 60))
+    result = evaluate.perplexity_by_position(
+        llama.model, ids, [vanilla()], train_length=TINY_TRAIN_LENGTH, progress=False
+    )
+    torch.testing.assert_close(
+        result.token_nll[evaluate.TRUNCATED_BASELINE],
+        result.token_nll["vanilla"],
+        rtol=0,
+        atol=1e-6,
+        equal_nan=True,
+    )
+
+
+def test_truncated_baseline_scores_each_token_with_the_most_context_it_can_have(llama):
+    ids = _ids((70,))
+    truncated = evaluate.truncated_sequence_nll(llama.model, ids, train_length=16)
+    with torch.no_grad():
+        first_piece = evaluate.sequence_nll(llama.model, ids[:16])
+        later_piece = evaluate.sequence_nll(llama.model, ids[40:56])  # stride 8: the piece that ends at 56
+    assert math.isnan(truncated[0]) and not truncated[1:].isnan().any()
+    torch.testing.assert_close(truncated[1:16], first_piece[1:])
+    torch.testing.assert_close(truncated[48:56], later_piece[8:])
+
+
+def test_duplicate_method_names_are_rejected(llama):
+    with pytest.raises(OodlensError, match="own name"):
+        evaluate.perplexity_by_position(
+            llama.model, _ids((1, 10)), [vanilla(), vanilla()], train_length=64, progress=False
+        )
+    renamed = dataclasses.replace(vanilla(), name="vanilla-2")
+    result = evaluate.perplexity_by_position(
+        llama.model,
+        _ids((1, 10)),
+        [vanilla(), renamed],
+        train_length=64,
+        truncated_baseline=False,
+        progress=False,
+    )
+    assert list(result.token_nll) == ["vanilla", "vanilla-2"]
+
+
+@pytest.mark.parametrize(
+    ("generated", "correct"),
+    [
+        ("12345.", True),
+        (" 12345", True),
+        (" The pass key is 12345", True),
+        ("1234", False),
+        ("123456", False),
+        ("12 345", False),
+        ("no digits", False),
+        (" 54321 or 12345", False),
+    ],
+)
+def test_passkey_digit_matcher(generated, correct):
+    assert evaluate.passkey_correct(generated, "12345") is correct
+
+
+def test_passkey_retrieval_rows_and_accuracy(llama, monkeypatch):
+    # The tiny model is random: make it "answer" with the passkey in its prompt, so correctness is known.
+    def answer_from_prompt(model, handle, prompt, max_new_tokens, pad_token_id):
+        text = llama.tokenizer.decode(prompt)
+        key = text.split("The pass key is ")[1][:5] if "The pass key is " in text else "00000"
+        return torch.tensor(llama.tokenizer(f" {key}.", add_special_tokens=False)["input_ids"])
+
+    monkeypatch.setattr(evaluate, "_greedy", answer_from_prompt)
+    result = evaluate.passkey_retrieval(
+        llama.model,
+        llama.tokenizer,
+        [vanilla()],
+        lengths=[400],
+        depths=(0.1, 0.9),
+        samples_per_cell=2,
+        train_length=TINY_TRAIN_LENGTH,
+        progress=False,
+    )
+    table = result.to_dataframe()
+    assert len(table) == 2 * 2 * 2  # (vanilla, truncated) × depths × samples
+    assert table.passkey.str.fullmatch(r"\d{5}").all() and table.passkey.nunique() == 4
+    assert table[table.method == "vanilla"].correct.all()
+    # truncated to 64 tokens, the needle is gone, so the stand-in model cannot answer
+    assert not table[table.method == evaluate.TRUNCATED_BASELINE].correct.any()
+    assert (table[table.method == evaluate.TRUNCATED_BASELINE].prompt_tokens == TINY_TRAIN_LENGTH).all()
+    assert result.summary() == {"vanilla": {"400": 1.0}, evaluate.TRUNCATED_BASELINE: {"400": 0.0}}
+    assert len(result.accuracy(by_depth=True)) == 4
+
+
+def test_passkey_retrieval_runs_with_real_generation(llama):
+    policy = lm_infinite(n_global=3, n_local=20, distance_limit=24)
+    result = evaluate.passkey_retrieval(
+        llama.model,
+        llama.tokenizer,
+        [policy],
+        lengths=[340],
+        depths=(0.5,),
+        train_length=TINY_TRAIN_LENGTH,
+        max_new_tokens=3,
+        truncated_baseline=False,
+        progress=False,
+    )
+    row = result.to_dataframe().iloc[0]
+    assert row.method == "lm-infinite" and row.length == 340 and isinstance(row.generated, str)
+    assert row.correct == evaluate.passkey_correct(row.generated, row.passkey)
+
+
+def test_identical_continuation_scores_perfectly():
+    text = "The grass is green. The sky is blue. The sun is yellow."
+    bleu, rouge_l = evaluate.continuation_scores(text, text)
+    assert bleu == pytest.approx(100.0) and rouge_l == pytest.approx(1.0)
+    bleu, rouge_l = evaluate.continuation_scores("completely different words", text)
+    assert bleu < 10 and rouge_l == 0.0
+
+
+def test_generation_quality_has_a_row_per_milestone(llama):
+    windows = _ids((2, 120))
+    result = evaluate.generation_quality(
+        llama.model,
+        llama.tokenizer,
+        windows,
+        [STREAM_POLICY],
+        milestones=[30, 90],
+        new_tokens=8,
+        train_length=TINY_TRAIN_LENGTH,
+        progress=False,
+    )
+    table = result.to_dataframe()
+    assert sorted(zip(table.window, table.milestone, strict=True)) == [(0, 30), (0, 90), (1, 30), (1, 90)]
+    assert table.bleu.between(0, 100).all() and table.rouge_l.between(0, 1).all()
+    assert set(result.summary()["lm-infinite"]) == {"30", "90"}
+    with pytest.raises(OodlensError, match="milestones"):
+        evaluate.generation_quality(
+            llama.model,
+            llama.tokenizer,
+            windows,
+            [vanilla()],
+            milestones=[115],
+            new_tokens=8,
+            train_length=TINY_TRAIN_LENGTH,
+            progress=False,
+        )
+
+
+def test_streaming_equals_one_forward(llama):
+    ids = _ids((300,))
+    one_forward = evaluate.perplexity_by_position(
+        llama.model,
+        ids[None],
+        [STREAM_POLICY],
+        train_length=64,
+        bucket=1,
+        truncated_baseline=False,
+        progress=False,
+    )
+    streamed = evaluate.streaming_perplexity(
+        llama.model,
+        evaluate.cycle_tokens(ids, 300, piece=37),
+        STREAM_POLICY,
+        train_length=64,
+        chunk=16,
+        bucket=1,
+        progress=False,
+    )
+    expected, got = one_forward.to_dataframe(), streamed.to_dataframe()
+    assert got.start.tolist() == expected.start.tolist() == list(range(1, 300))
+    assert (got.nll - expected.nll).abs().max() < 1e-4
+    assert streamed.n_tokens == 300 and streamed.peak_cache_tokens == 3 + 20 - 1
+    assert json.loads(json.dumps(streamed.summary())) == streamed.summary()
+
+
+def test_streaming_cache_stays_constant_and_max_tokens_stops_an_endless_stream(llama):
+    endless = evaluate.cycle_tokens(_ids((50,)), 10**12)
+    short = evaluate.streaming_perplexity(
+        llama.model, endless, STREAM_POLICY, train_length=64, chunk=16, max_tokens=100, progress=False
+    )
+    longer = evaluate.streaming_perplexity(
+        llama.model, endless, STREAM_POLICY, train_length=64, chunk=16, max_tokens=400, progress=False
+    )
+    assert (short.n_tokens, longer.n_tokens) == (100, 400)
+    assert short.peak_cache_tokens == longer.peak_cache_tokens == 22
+
+
+@pytest.mark.parametrize("policy", [vanilla(), distance_limit(20), lm_infinite(n_local=20, top_k=2)])
+def test_streaming_a_policy_that_keeps_every_key_needs_an_explicit_bound(llama, policy):
+    with pytest.raises(OodlensError, match="max_tokens"):
+        evaluate.streaming_perplexity(llama.model, _ids((100,)), policy, train_length=64, progress=False)
+
+
+def test_streaming_vanilla_with_an_explicit_bound(llama):
+    bounded = evaluate.streaming_perplexity(
+        llama.model, _ids((100,)), vanilla(), train_length=64, chunk=32, max_tokens=80, progress=False
+    )
+    assert bounded.n_tokens == bounded.peak_cache_tokens == 80
+
+
+def test_cycle_tokens_repeats_the_sequence():
+    pieces = list(evaluate.cycle_tokens(torch.arange(5), 12, piece=3))
+    assert torch.cat(pieces).tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1]
+    assert max(len(piece) for piece in pieces) <= 3
+
+
+def test_memory_estimate_grows_with_length_and_refuses_nonsense(llama):
+    info = llama.info
+    estimates = [evaluate.estimate_forward_memory(info, length) for length in (1, 1024, 4096, 16384, 65536)]
+    assert estimates == sorted(estimates) and len(set(estimates)) == len(estimates)
+    # a bounded policy holds fewer keys than vanilla
+    assert evaluate.estimate_forward_memory(info, 65536, policy=lm_infinite()) < estimates[-1]
+    budget = estimates[3]
+    fits = evaluate.longest_length_within(info, budget)
+    assert (
+        evaluate.estimate_forward_memory(info, fits)
+        <= budget
+        < evaluate.estimate_forward_memory(info, fits + 1)
+    )
+    assert evaluate.longest_length_within(info, 0) == 0
+    for bad in (
+        dict(length=0),
+        dict(length=-5),
+        dict(length=1.5),
+        dict(length=8, batch=0),
+        dict(length=8, dtype_bytes=3),
+    ):
+        with pytest.raises(OodlensError):
+            evaluate.estimate_forward_memory(info, **bad)
+
+
+@pytest.mark.slow
+def test_smollm2_retrieves_a_passkey_at_1k_tokens():
+    from oodlens.models import load_model
+
+    loaded = load_model("smollm2")
+    result = evaluate.passkey_retrieval(
+        loaded.model,
+        loaded.tokenizer,
+        [vanilla()],
+        lengths=[1024],
+        depths=(0.5,),
+        train_length=loaded.info.train_length,
+        truncated_baseline=False,
+        progress=False,
+    )
+    row = result.to_dataframe().iloc[0]
+    assert row.correct, f"generated {row.generated!r} for passkey {row.passkey}"
