@@ -357,6 +357,7 @@ class RowGroup:
 
 DEFAULT_BLOCK = 1024
 OBSERVED_BLOCK = 512
+MATH_BLOCK = 128
 
 
 def _far_queries(plan: LayerPlan, group: RowGroup, q: torch.Tensor, pos: torch.Tensor, distance: int) -> torch.Tensor:
@@ -518,7 +519,12 @@ def attend_group(
     if plan.top_k > 0:
         group.unrotated_keys = _unrotated(plan, group, group.key, group.k_pos)
     if block_size is None:
-        block_size = OBSERVED_BLOCK if observer is not None else (n_queries if plan.is_vanilla else DEFAULT_BLOCK)
+        if softcap is not None:
+            block_size = MATH_BLOCK  # the float32 reference kernel holds block × keys logits per head
+        elif observer is not None:
+            block_size = OBSERVED_BLOCK
+        else:  # one fused call covers plain causal attention; banded policies need blocks
+            block_size = n_queries if plan.is_vanilla else DEFAULT_BLOCK
         if plan.window is not None:
             block_size = min(block_size, plan.window)
     output = torch.empty(batch, n_queries, heads, dim, dtype=group.query.dtype, device=group.query.device)

@@ -65,6 +65,7 @@ METHOD_ALIASES = {
     "lm-inf": "lm-infinite",
     "lminfinite": "lm-infinite",
     "streamingllm": "streaming-llm",
+    "vanilla-truncated": "truncated",
 }
 UNNAMED_COLOR = "#333333"
 _FALLBACK_COLORS = [OKABE_ITO[k] for k in ("sky", "black", "orange", "green", "purple", "grey")]
