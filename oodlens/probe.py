@@ -219,16 +219,13 @@ def _verdict(result: ProbeResult) -> str:
     baseline = TRUNCATED_BASELINE if TRUNCATED_BASELINE in methods else None
     if "vanilla" in methods and length > train:
         within, beyond = ppl.ppl("vanilla", 1, train), ppl.ppl("vanilla", train, length)
-        broke = beyond > 2 * within
-        parts.append(
-            f"Vanilla attention has perplexity {_fmt(within)} within the pretraining length and {_fmt(beyond)} "
-            f"beyond it ({'it breaks' if broke else 'it holds up'} past {train} tokens)."
-        )
         first_bad = next((row for row in ppl.to_dataframe().query("method == 'vanilla'").itertuples()
                           if row.start >= train and row.ppl > 2 * within), None)
-        if first_bad is not None:
-            parts.append(f"Its perplexity first exceeds twice the in-distribution value at tokens "
-                         f"{first_bad.start}–{first_bad.end}.")
+        verdict = "it holds up" if first_bad is None else (
+            f"it breaks: its perplexity first exceeds twice the in-distribution value at tokens "
+            f"{first_bad.start}–{first_bad.end}")
+        parts.append(f"Vanilla attention has perplexity {_fmt(within)} within the pretraining length and "
+                     f"{_fmt(beyond)} beyond it; {verdict}.")
     for method in methods:
         if method in ("vanilla", TRUNCATED_BASELINE) or length <= train:
             continue
