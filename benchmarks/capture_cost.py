@@ -31,8 +31,11 @@ def _current_rss_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def run_case(case: str, length: int) -> dict[str, float]:
-    """Load the model and one window, run ``case`` once; seconds and bytes of the forward (or capture)."""
+def run_case(case: str, length: int, save: str | None = None) -> dict[str, float]:
+    """Load the model and one window, run ``case`` once; seconds and bytes of the forward (or capture).
+
+    With ``save``, the capture's diagnosis is written there (after the timing).
+    """
     import torch
 
     from oodlens.capture import diagnose
@@ -47,9 +50,11 @@ def run_case(case: str, length: int) -> dict[str, float]:
         with torch.no_grad():
             loaded.model(input_ids=ids, use_cache=False, logits_to_keep=1)
     else:
-        diagnose(loaded.model, ids, name="smollm2")
+        diagnosis = diagnose(loaded.model, ids, name="smollm2")
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    if case == "capture" and save:
+        diagnosis.save(save)
     info = loaded.info
     return {
         "case": case,
@@ -62,8 +67,10 @@ def run_case(case: str, length: int) -> dict[str, float]:
     }
 
 
-def _child(case: str, length: int) -> dict[str, float]:
+def _child(case: str, length: int, save: str | None) -> dict[str, float]:
     command = [sys.executable, __file__, "--case", case, "--length", str(length)]
+    if save:
+        command += ["--save", save]
     done = subprocess.run(command, check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -72,9 +79,9 @@ def _gib(n_bytes: float) -> str:
     return f"{n_bytes / 2**30:.2f} GiB"
 
 
-def report(length: int) -> None:
+def report(length: int, save: str | None) -> None:
     """Run both cases in subprocesses and print them side by side with ratios."""
-    results = {case: _child(case, length) for case in CASES}
+    results = {case: _child(case, length, save) for case in CASES}
     plain, captured = results["plain"], results["capture"]
     print(f"SmolLM2-135M, {length} tokens of python-docs, {plain['threads']} CPU threads")
     print(f"{'':18}{'plain SDPA':>14}{'capture':>14}{'ratio':>8}")
@@ -100,11 +107,12 @@ def main() -> None:
     parser.add_argument(
         "--case", choices=CASES, help="run one case in this process and print JSON (internal)"
     )
+    parser.add_argument("--save", help="also write the capture's Diagnosis to this folder")
     args = parser.parse_args()
     if args.case:
-        print(json.dumps(run_case(args.case, args.length)))
+        print(json.dumps(run_case(args.case, args.length, args.save)))
     else:
-        report(args.length)
+        report(args.length, args.save)
 
 
 if __name__ == "__main__":

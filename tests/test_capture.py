@@ -219,7 +219,7 @@ def test_default_bins_pool_windows_and_blocks():
         logits = torch.cat([rows[layer][0][0] for rows in pooled], dim=1).numpy()  # [H, 2Q, K]
         weights = torch.cat([rows[layer][1][0] for rows in pooled], dim=1).numpy()
         bins = np.concatenate([distance_bin, distance_bin])
-        entropy = -(weights * np.nan_to_num(np.log(weights), neginf=0.0)).sum(-1)  # [H, 2Q]
+        entropy = -(weights * np.log(weights, out=np.zeros_like(weights), where=weights > 0)).sum(-1)  # [H, 2Q]
         query_bins = np.concatenate([position_bin, position_bin])
         for head in range(logits.shape[0]):
             for k, start in enumerate(geometry.distance_edges[:-1]):
@@ -396,22 +396,37 @@ def test_gpt2_vanilla_capture_works():
 # The real model past its pretraining length
 # --------------------------------------------------------------------------------------------------------
 
-SMOLLM2_LENGTH = 9216
+SMOLLM2_LENGTH = 9216  # 1,024 tokens past SmolLM2's pretraining length of 8,192
+
+
+@pytest.fixture(scope="module")
+def smollm2_diagnosis(smollm2):
+    from oodlens.data import load_corpus, token_windows
+
+    assert smollm2.info.train_length == 8192
+    ids = token_windows(load_corpus("python-docs"), smollm2.tokenizer, SMOLLM2_LENGTH, n_windows=1)
+    config = CaptureConfig(query_stride=64, hidden_layers=[2, -1])
+    diagnosis = diagnose(smollm2.model, ids, config=config, name="smollm2")
+    print({key: round(value, 4) for key, value in diagnosis.summary().items()})
+    return diagnosis
 
 
 @pytest.mark.slow
-def test_smollm2_factors_beyond_pretraining_length():
-    from oodlens.data import load_corpus, token_windows
-    from oodlens.models import load_model
-
-    loaded = load_model("smollm2")
-    assert loaded.info.train_length == 8192
-    ids = token_windows(load_corpus("python-docs"), loaded.tokenizer, SMOLLM2_LENGTH, n_windows=1)
-    config = CaptureConfig(query_stride=64, hidden_layers=[2, -1])
-    got = diagnose(loaded.model, ids, config=config, name="smollm2")
-    summary = got.summary()
-    print({key: round(value, 4) for key, value in summary.items()})
-    # Factor 1: logits at distances never seen in training exceed those inside the pretraining length.
-    assert summary["last_query_max_beyond"] > summary["last_query_max_within"]
-    # Factor 2: attention entropy keeps growing past the pretraining length.
+def test_smollm2_entropy_grows_beyond_pretraining_length(smollm2_diagnosis):
+    """Factor 2: queries past 8,192 spread their attention more than queries in [4,096, 8,192)."""
+    summary = smollm2_diagnosis.summary()
     assert summary["entropy_beyond"] > summary["entropy_late_within"]
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="measured (docs/capture.md): at 9,216 tokens SmolLM2's largest logit at distances ≥ 8,192 (10.5) "
+    "stays below the largest within (18.0), also per head and for the last token alone; the paper's "
+    "last-token running max rises past 8,192 only because the first tokens (attention sinks, high logits "
+    "at every distance) enter that distance range",
+)
+def test_smollm2_max_logit_beyond_exceeds_within(smollm2_diagnosis):
+    """Factor 1 as the paper states it; kept strict so that a change in the measurement shows up."""
+    summary = smollm2_diagnosis.summary()
+    assert summary["max_logit_beyond"] > summary["max_logit_within"]
