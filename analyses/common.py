@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import matplotlib.pyplot as plt
 import pandas as pd
@@ -51,14 +52,27 @@ class Settings:
         return quick if self.quick else full
 
 
-def parse(name: str, description: str, add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
-          argv: list[str] | None = None) -> Settings:
+def parse(
+    name: str,
+    description: str,
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+    argv: list[str] | None = None,
+) -> Settings:
     """The shared options; ``add_arguments`` adds a script's own."""
-    parser = argparse.ArgumentParser(prog=f"python analyses/{name}.py", description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", default="smollm2", help="model name or path (see oodlens.models.load_model)")
-    parser.add_argument("--train-length", type=int, default=None, help="pretraining length (default: the model's)")
-    parser.add_argument("--out", type=Path, default=None, help="figure folder (default: figures/, quick: figures/quick/)")
+    parser = argparse.ArgumentParser(
+        prog=f"python analyses/{name}.py",
+        description=description,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--model", default="smollm2", help="model name or path (see oodlens.models.load_model)"
+    )
+    parser.add_argument(
+        "--train-length", type=int, default=None, help="pretraining length (default: the model's)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="figure folder (default: figures/, quick: figures/quick/)"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny random model, short lengths (for tests)")
     parser.add_argument("--recompute", action="store_true", help="ignore cached results")
     parser.add_argument("--windows", type=int, default=1, help="token windows to average over")
@@ -71,8 +85,19 @@ def parse(name: str, description: str, add_arguments: Callable[[argparse.Argumen
     model = QUICK_MODEL if args.quick and args.model == "smollm2" else args.model
     train_length = args.train_length or (QUICK_TRAIN_LENGTH if args.quick else None)
     out = args.out or (REPO / "figures" / ("quick" if args.quick else ""))
-    return Settings(name, model, train_length, out, args.quick, args.recompute, args.windows, args.seed,
-                    args.device, args.dtype, args)
+    return Settings(
+        name,
+        model,
+        train_length,
+        out,
+        args.quick,
+        args.recompute,
+        args.windows,
+        args.seed,
+        args.device,
+        args.dtype,
+        args,
+    )
 
 
 _LOADED: dict[tuple, LoadedModel] = {}
@@ -82,16 +107,23 @@ def model(settings: Settings) -> LoadedModel:
     """The model (loaded once per process, as ``run_all`` runs every script in one process)."""
     key = (settings.model, settings.device, settings.dtype, settings.train_length)
     if key not in _LOADED:
-        _LOADED[key] = load_model(settings.model, device=settings.device, dtype=settings.dtype,
-                                  train_length=settings.train_length)
+        _LOADED[key] = load_model(
+            settings.model, device=settings.device, dtype=settings.dtype, train_length=settings.train_length
+        )
     return _LOADED[key]
 
 
 def windows(settings: Settings, length: int):
     """``[settings.windows, length]`` token windows of the embedded python-docs corpus."""
     loaded = model(settings)
-    return token_windows(load_corpus("python-docs"), loaded.tokenizer, length, n_windows=settings.windows,
-                         seed=settings.seed, join_documents=True)
+    return token_windows(
+        load_corpus("python-docs"),
+        loaded.tokenizer,
+        length,
+        n_windows=settings.windows,
+        seed=settings.seed,
+        join_documents=True,
+    )
 
 
 def _write_frame(frame: pd.DataFrame, path: Path) -> None:
@@ -100,9 +132,16 @@ def _write_frame(frame: pd.DataFrame, path: Path) -> None:
     partial.replace(path)
 
 
-def cached(settings: Settings, key: str, params: dict[str, Any], compute: Callable[[], Any], *,
-           suffix: str = ".parquet", write: Callable[[Any, Path], Any] = _write_frame,
-           read: Callable[[Path], Any] = pd.read_parquet) -> Any:
+def cached(
+    settings: Settings,
+    key: str,
+    params: dict[str, Any],
+    compute: Callable[[], Any],
+    *,
+    suffix: str = ".parquet",
+    write: Callable[[Any, Path], Any] = _write_frame,
+    read: Callable[[Path], Any] = pd.read_parquet,
+) -> Any:
     """``compute()`` once per (key, params); later runs ``read`` the stored result unless ``--recompute``.
 
     By default results are DataFrames stored as Parquet; pass ``write``/``read`` for other objects (e.g. a
@@ -110,8 +149,13 @@ def cached(settings: Settings, key: str, params: dict[str, Any], compute: Callab
     """
     folder = settings.cache
     stored, header = folder / f"{key}{suffix}", folder / f"{key}.json"
-    params = {"model": settings.model, "train_length": settings.train_length, "windows": settings.windows,
-              "seed": settings.seed, **params}
+    params = {
+        "model": settings.model,
+        "train_length": settings.train_length,
+        "windows": settings.windows,
+        "seed": settings.seed,
+        **params,
+    }
     if not settings.recompute and stored.exists() and header.exists():
         if json.loads(header.read_text()) == json.loads(json.dumps(params)):
             return read(stored)

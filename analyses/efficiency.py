@@ -44,7 +44,10 @@ def one_case(settings: common.Settings, method: str, length: int) -> dict:
         torch.set_num_threads(settings.extra.threads)
     loaded = common.model(settings)
     ids = common.windows(settings, length)[:1]
-    with torch.no_grad(), apply_policy(loaded.model, policy_by_name(method), train_length=loaded.info.train_length):
+    with (
+        torch.no_grad(),
+        apply_policy(loaded.model, policy_by_name(method), train_length=loaded.info.train_length),
+    ):
         start = time.perf_counter()
         loaded.model(ids, use_cache=False, logits_to_keep=1)
         seconds = time.perf_counter() - start
@@ -52,14 +55,23 @@ def one_case(settings: common.Settings, method: str, length: int) -> dict:
     return {"method": method, "length": length, "seconds": seconds, "peak_gib": peak}
 
 
-def measure(settings: common.Settings, methods: list[str], lengths: list[int], argv: list[str]) -> pd.DataFrame:
+def measure(
+    settings: common.Settings, methods: list[str], lengths: list[int], argv: list[str]
+) -> pd.DataFrame:
     rows = []
     for length in lengths:
         for method in methods:
             command = [sys.executable, __file__, *argv, "--case", f"{method}:{length}"]
-            lines = subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()
+            lines = (
+                subprocess.run(command, check=True, capture_output=True, text=True)
+                .stdout.strip()
+                .splitlines()
+            )
             rows.append(json.loads(lines[-1]))
-            print(f"  {method:12s} {length:7d}: {rows[-1]['seconds']:8.1f} s  {rows[-1]['peak_gib']:.2f} GiB", flush=True)
+            print(
+                f"  {method:12s} {length:7d}: {rows[-1]['seconds']:8.1f} s  {rows[-1]['peak_gib']:.2f} GiB",
+                flush=True,
+            )
     return pd.DataFrame(rows)
 
 
@@ -71,8 +83,12 @@ def table(frame: pd.DataFrame) -> pd.DataFrame:
     frame["marginal_ms_per_token"] = 1000 * grouped.seconds.diff() / grouped.length.diff()
     if {"vanilla", "lm-infinite"} <= set(frame.method):
         wide = frame.pivot(index="length", columns="method", values=["seconds", "peak_gib"])
-        ratios = pd.DataFrame({"time_ratio": wide["seconds"]["lm-infinite"] / wide["seconds"]["vanilla"],
-                               "memory_ratio": wide["peak_gib"]["lm-infinite"] / wide["peak_gib"]["vanilla"]})
+        ratios = pd.DataFrame(
+            {
+                "time_ratio": wide["seconds"]["lm-infinite"] / wide["seconds"]["vanilla"],
+                "memory_ratio": wide["peak_gib"]["lm-infinite"] / wide["peak_gib"]["vanilla"],
+            }
+        )
         frame = frame.merge(ratios.reset_index(), on="length", how="left")
     return frame
 
@@ -101,12 +117,19 @@ def run(argv: list[str] | None = None) -> pd.DataFrame:
         print(json.dumps(one_case(settings, method, int(length))))
         return pd.DataFrame()
     train = settings.train_length or common.model(settings).info.train_length
-    lengths = ([int(n) for n in settings.extra.lengths.split(",")] if settings.extra.lengths
-               else [train, 2 * train, 4 * train])
+    lengths = (
+        [int(n) for n in settings.extra.lengths.split(",")]
+        if settings.extra.lengths
+        else [train, 2 * train, 4 * train]
+    )
     methods = settings.extra.methods.split(",")
     clean_argv = [a for a in argv if a != "--recompute"]
-    frame = common.cached(settings, f"timings-{'-'.join(methods)}-{'-'.join(map(str, lengths))}",
-                          {"lengths": lengths, "methods": methods}, lambda: measure(settings, methods, lengths, clean_argv))
+    frame = common.cached(
+        settings,
+        f"timings-{'-'.join(methods)}-{'-'.join(map(str, lengths))}",
+        {"lengths": lengths, "methods": methods},
+        lambda: measure(settings, methods, lengths, clean_argv),
+    )
     result = table(frame)
     common.print_table("one forward pass", result)
     if len(lengths) > 1:

@@ -24,7 +24,9 @@ from oodlens.theory import check_theory  # noqa: E402
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--length", type=int, default=None, help="tokens per window (default: 2 × train length)")
+    parser.add_argument(
+        "--length", type=int, default=None, help="tokens per window (default: 2 × train length)"
+    )
 
 
 def run(argv: list[str] | None = None) -> dict[str, Diagnosis]:
@@ -37,10 +39,15 @@ def run(argv: list[str] | None = None) -> dict[str, Diagnosis]:
     diagnoses = {}
     for label, policy in (("vanilla", vanilla()), ("lm-infinite", lm_infinite())):
         diagnoses[label] = common.cached(
-            settings, f"diagnosis-{label}", {"length": length},
-            lambda policy=policy: diagnose(loaded.model, ids, policy, config=config, train_length=train,
-                                           name=loaded.info.name),
-            suffix="", write=lambda diagnosis, path: diagnosis.save(path), read=Diagnosis.load,
+            settings,
+            f"diagnosis-{label}",
+            {"length": length},
+            lambda policy=policy: diagnose(
+                loaded.model, ids, policy, config=config, train_length=train, name=loaded.info.name
+            ),
+            suffix="",
+            write=lambda diagnosis, path: diagnosis.save(path),
+            read=Diagnosis.load,
         )
     common.save(settings, plotting.plot_logits_by_distance(diagnoses, train), "fig1a_logits_by_distance")
     common.save(settings, plotting.plot_entropy_by_position(diagnoses, train), "fig1b_entropy_by_position")
@@ -49,10 +56,12 @@ def run(argv: list[str] | None = None) -> dict[str, Diagnosis]:
     for label, diagnosis in diagnoses.items():
         summary = diagnosis.summary()
         theory = check_theory(diagnosis).summary()
-        print(f"\n[{label}] max logit within {summary['max_logit_within']:.2f} beyond {summary['max_logit_beyond']:.2f}; "
-              f"last-query max within {summary['last_query_max_within']:.2f} beyond {summary['last_query_max_beyond']:.2f}; "
-              f"entropy late-within {summary['entropy_late_within']:.3f} beyond {summary['entropy_beyond']:.3f} nats; "
-              f"entropy bound holds: {theory['entropy_bound_holds']}")
+        print(
+            f"\n[{label}] max logit within {summary['max_logit_within']:.2f} beyond {summary['max_logit_beyond']:.2f}; "
+            f"last-query max within {summary['last_query_max_within']:.2f} beyond {summary['last_query_max_beyond']:.2f}; "
+            f"entropy late-within {summary['entropy_late_within']:.3f} beyond {summary['entropy_beyond']:.3f} nats; "
+            f"entropy bound holds: {theory['entropy_bound_holds']}"
+        )
     return diagnoses
 
 

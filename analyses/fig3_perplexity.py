@@ -28,7 +28,9 @@ from oodlens.policies import lm_infinite, vanilla  # noqa: E402
 def add_arguments(parser) -> None:
     parser.add_argument("--length", type=int, default=None, help="default: 4 × train length")
     parser.add_argument("--vanilla-length", type=int, default=None, help="default: 2 × train length")
-    parser.add_argument("--bucket", type=int, default=None, help="position bucket (default: train length / 8)")
+    parser.add_argument(
+        "--bucket", type=int, default=None, help="position bucket (default: train length / 8)"
+    )
 
 
 def _as_frame(result: PerplexityResult) -> pd.DataFrame:
@@ -43,14 +45,34 @@ def run(argv: list[str] | None = None) -> pd.DataFrame:
     vanilla_length = min(settings.extra.vanilla_length or 2 * train, length)
     bucket = settings.extra.bucket or max(train // 8, 1)
     ids = common.windows(settings, length)
-    long = common.cached(settings, "long", {"length": length}, lambda: _as_frame(
-        perplexity_by_position(loaded.model, ids, [lm_infinite()], train_length=train, bucket=bucket)))
-    short = common.cached(settings, "vanilla", {"length": vanilla_length}, lambda: _as_frame(
-        perplexity_by_position(loaded.model, ids[:, :vanilla_length], [vanilla()], train_length=train,
-                               bucket=bucket, truncated_baseline=False)))
+    long = common.cached(
+        settings,
+        "long",
+        {"length": length},
+        lambda: _as_frame(
+            perplexity_by_position(loaded.model, ids, [lm_infinite()], train_length=train, bucket=bucket)
+        ),
+    )
+    short = common.cached(
+        settings,
+        "vanilla",
+        {"length": vanilla_length},
+        lambda: _as_frame(
+            perplexity_by_position(
+                loaded.model,
+                ids[:, :vanilla_length],
+                [vanilla()],
+                train_length=train,
+                bucket=bucket,
+                truncated_baseline=False,
+            )
+        ),
+    )
     token_nll = {method: long[method].to_numpy() for method in long}
     # vanilla was run on the first tokens only: NaN beyond, so its buckets there stay empty
-    token_nll["vanilla"] = np.concatenate([short["vanilla"].to_numpy(), np.full(length - vanilla_length, np.nan)])
+    token_nll["vanilla"] = np.concatenate(
+        [short["vanilla"].to_numpy(), np.full(length - vanilla_length, np.nan)]
+    )
     result = PerplexityResult(token_nll, train, length, settings.windows, bucket)
     frame = result.to_dataframe().dropna(subset=["nll"])
     common.save(settings, plotting.plot_perplexity_by_position(frame, train), "fig3_perplexity_by_position")
@@ -59,7 +81,10 @@ def run(argv: list[str] | None = None) -> pd.DataFrame:
     for start, end in ((train, 2 * train), (2 * train, 4 * train), (3 * train // 2, 2 * train)):
         if end <= length:
             line = {"tokens": f"{start}-{end}"}
-            line |= {method: result.ppl(method, start, end) for method in ("vanilla", "lm-infinite", TRUNCATED_BASELINE)}
+            line |= {
+                method: result.ppl(method, start, end)
+                for method in ("vanilla", "lm-infinite", TRUNCATED_BASELINE)
+            }
             line["lm-infinite / baseline"] = line["lm-infinite"] / line[TRUNCATED_BASELINE]
             line["vanilla / baseline"] = line["vanilla"] / line[TRUNCATED_BASELINE]
             rows.append(line)

@@ -24,7 +24,9 @@ from oodlens.policies import POLICIES, policy_by_name  # noqa: E402
 
 def add_arguments(parser) -> None:
     parser.add_argument("--length", type=int, default=None, help="default: 1.5 × train length")
-    parser.add_argument("--bucket", type=int, default=None, help="position bucket (default: train length / 8)")
+    parser.add_argument(
+        "--bucket", type=int, default=None, help="position bucket (default: train length / 8)"
+    )
 
 
 def run(argv: list[str] | None = None) -> pd.DataFrame:
@@ -35,13 +37,26 @@ def run(argv: list[str] | None = None) -> pd.DataFrame:
     bucket = settings.extra.bucket or max(train // 8, 1)
     ids = common.windows(settings, length)
     policies = [policy_by_name(name) for name in POLICIES]
-    token_nll = common.cached(settings, "token_nll", {"length": length, "methods": list(POLICIES)}, lambda: pd.DataFrame(
-        perplexity_by_position(loaded.model, ids, policies, train_length=train, bucket=bucket,
-                               truncated_baseline=False).token_nll))
-    result = PerplexityResult({m: token_nll[m].to_numpy() for m in token_nll}, train, length, settings.windows, bucket)
+    token_nll = common.cached(
+        settings,
+        "token_nll",
+        {"length": length, "methods": list(POLICIES)},
+        lambda: pd.DataFrame(
+            perplexity_by_position(
+                loaded.model, ids, policies, train_length=train, bucket=bucket, truncated_baseline=False
+            ).token_nll
+        ),
+    )
+    result = PerplexityResult(
+        {m: token_nll[m].to_numpy() for m in token_nll}, train, length, settings.windows, bucket
+    )
     common.save(settings, plotting.plot_perplexity_by_position(result, train), "fig5_ablation")
-    table = pd.DataFrame([{"method": m, "ppl within": result.ppl(m, 1, train), "ppl beyond": result.ppl(m, train, length)}
-                          for m in token_nll])
+    table = pd.DataFrame(
+        [
+            {"method": m, "ppl within": result.ppl(m, 1, train), "ppl beyond": result.ppl(m, train, length)}
+            for m in token_nll
+        ]
+    )
     common.print_table(f"ablation at {length} tokens (train length {train})", table)
     comparison = table.melt(id_vars="method", var_name="metric", value_name="value")
     common.save(settings, plotting.plot_method_comparison(comparison, facet=True), "fig5_ablation_bars")

@@ -15,8 +15,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-SCRIPTS = ("fig1_three_factors", "fig3_perplexity", "fig5_ablation", "table2_passkey", "table3_generation",
-           "efficiency")
+SCRIPTS = (
+    "fig1_three_factors",
+    "fig3_perplexity",
+    "fig5_ablation",
+    "table2_passkey",
+    "table3_generation",
+    "efficiency",
+)
 
 
 def main(argv: list[str] | None = None) -> None:

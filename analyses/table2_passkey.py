@@ -32,16 +32,35 @@ def run(argv: list[str] | None = None) -> pd.DataFrame:
     settings = common.parse("table2_passkey", __doc__.splitlines()[0], add_arguments, argv)
     loaded = common.model(settings)
     train = loaded.info.train_length
-    lengths = ([int(n) for n in settings.extra.lengths.split(",")] if settings.extra.lengths
-               else [train // 2, 3 * train // 2] if not settings.quick else [400, 500])
+    lengths = (
+        [int(n) for n in settings.extra.lengths.split(",")]
+        if settings.extra.lengths
+        else [train // 2, 3 * train // 2]
+        if not settings.quick
+        else [400, 500]
+    )
     depths = [float(d) for d in settings.extra.depths.split(",")]
     policies = [vanilla(), lm_infinite(top_k=settings.extra.top_k)]
     rows = common.cached(
-        settings, "rows", {"lengths": lengths, "depths": depths, "samples": settings.extra.samples,
-                           "top_k": settings.extra.top_k},
-        lambda: passkey_retrieval(loaded.model, loaded.tokenizer, policies, lengths=lengths, depths=depths,
-                                  samples_per_cell=settings.extra.samples, train_length=train,
-                                  seed=settings.seed).to_dataframe())
+        settings,
+        "rows",
+        {
+            "lengths": lengths,
+            "depths": depths,
+            "samples": settings.extra.samples,
+            "top_k": settings.extra.top_k,
+        },
+        lambda: passkey_retrieval(
+            loaded.model,
+            loaded.tokenizer,
+            policies,
+            lengths=lengths,
+            depths=depths,
+            samples_per_cell=settings.extra.samples,
+            train_length=train,
+            seed=settings.seed,
+        ).to_dataframe(),
+    )
     result = PasskeyResult(rows=rows.to_dict("records"))
     common.save(settings, plotting.plot_passkey_heatmap(rows, train), "table2_passkey")
     table = result.accuracy().pivot(index="method", columns="length", values="accuracy")

@@ -28,14 +28,27 @@ def run(argv: list[str] | None = None) -> pd.DataFrame:
     settings = common.parse("table3_generation", __doc__.splitlines()[0], add_arguments, argv)
     loaded = common.model(settings)
     train = loaded.info.train_length
-    milestones = ([int(n) for n in settings.extra.milestones.split(",")] if settings.extra.milestones
-                  else [train // 2, train, 3 * train // 2])
+    milestones = (
+        [int(n) for n in settings.extra.milestones.split(",")]
+        if settings.extra.milestones
+        else [train // 2, train, 3 * train // 2]
+    )
     new_tokens = settings.extra.new_tokens
     ids = common.windows(settings, max(milestones) + new_tokens)
     rows = common.cached(
-        settings, "rows", {"milestones": milestones, "new_tokens": new_tokens},
-        lambda: generation_quality(loaded.model, loaded.tokenizer, ids, [vanilla(), lm_infinite()],
-                                   milestones=milestones, new_tokens=new_tokens, train_length=train).to_dataframe())
+        settings,
+        "rows",
+        {"milestones": milestones, "new_tokens": new_tokens},
+        lambda: generation_quality(
+            loaded.model,
+            loaded.tokenizer,
+            ids,
+            [vanilla(), lm_infinite()],
+            milestones=milestones,
+            new_tokens=new_tokens,
+            train_length=train,
+        ).to_dataframe(),
+    )
     common.save(settings, plotting.plot_generation_quality(rows, train), "table3_generation")
     table = rows.groupby(["method", "milestone"])[["bleu", "rouge_l"]].mean().reset_index()
     common.print_table(f"generation quality, {new_tokens} new tokens (train length {train})", table)

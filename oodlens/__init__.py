@@ -17,7 +17,18 @@ from .policies import (
 )
 
 __all__ = [
-    "OodlensError", "POLICIES", "load_model", "Policy", "PolicyHandle", "apply_lm_infinite", "apply_policy", "distance_limit",
-    "lambda_mask", "lm_infinite", "policy_by_name", "vanilla", "window",
+    "OodlensError",
+    "POLICIES",
+    "load_model",
+    "Policy",
+    "PolicyHandle",
+    "apply_lm_infinite",
+    "apply_policy",
+    "distance_limit",
+    "lambda_mask",
+    "lm_infinite",
+    "policy_by_name",
+    "vanilla",
+    "window",
 ]
 __version__ = "0.1.0"

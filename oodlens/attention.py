@@ -116,7 +116,7 @@ class Binding:
     block_size: int | None = None
 
 
-_BINDINGS: "weakref.WeakKeyDictionary[nn.Module, Binding]" = weakref.WeakKeyDictionary()
+_BINDINGS: weakref.WeakKeyDictionary[nn.Module, Binding] = weakref.WeakKeyDictionary()
 
 
 def bind(module: nn.Module, binding: Binding) -> None:
@@ -252,9 +252,14 @@ def _segment_fused(seg: Segment, scale: float, want_mean: bool) -> Partial:
     if q.device.type == "cuda":
         n_heads = q.shape[1]
         out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
-            q, _expand_kv(k, n_heads), _expand_kv(v, n_heads),
+            q,
+            _expand_kv(k, n_heads),
+            _expand_kv(v, n_heads),
             None if float_mask is None else float_mask.expand(q.shape[0], n_heads, *float_mask.shape),
-            True, 0.0, causal, scale=scale,
+            True,
+            0.0,
+            causal,
+            scale=scale,
         )[:2]
         lse = lse[..., : q.shape[2]]
     else:
@@ -285,19 +290,34 @@ def fused_kernel_works(device: torch.device, dtype: torch.dtype) -> bool:
         mask = torch.ones(8, 12, dtype=torch.bool, device=device).tril(4)
         ok = True
         try:
-            for seg in (Segment(slice(0, 8), q, k[:, :2], v[:, :2], mask), Segment(slice(0, 8), q, k[:, :2, :8], v[:, :2, :8], "causal")):
+            for seg in (
+                Segment(slice(0, 8), q, k[:, :2], v[:, :2], mask),
+                Segment(slice(0, 8), q, k[:, :2, :8], v[:, :2, :8], "causal"),
+            ):
                 fused, ref = _segment_fused(seg, 0.25, True), _segment_math(seg, 0.25, None, True)
                 tol = 1e-4 if dtype == torch.float32 else 3e-2
-                ok &= all(torch.allclose(a, b, atol=tol, rtol=tol) for a, b in
-                          ((fused.out, ref.out), (fused.lse, ref.lse), (fused.mean_logit, ref.mean_logit)))
+                ok &= all(
+                    torch.allclose(a, b, atol=tol, rtol=tol)
+                    for a, b in (
+                        (fused.out, ref.out),
+                        (fused.lse, ref.lse),
+                        (fused.mean_logit, ref.mean_logit),
+                    )
+                )
         except (RuntimeError, TypeError) as error:
             ok = False
-            warnings.warn(f"oodlens: fused attention kernel unavailable on {device.type} ({error}); using the "
-                          "float32 reference kernel (slower)", stacklevel=2)
+            warnings.warn(
+                f"oodlens: fused attention kernel unavailable on {device.type} ({error}); using the "
+                "float32 reference kernel (slower)",
+                stacklevel=2,
+            )
         else:
             if not ok:
-                warnings.warn(f"oodlens: fused attention kernel disagrees with the reference on {device.type}; "
-                              "using the float32 reference kernel (slower)", stacklevel=2)
+                warnings.warn(
+                    f"oodlens: fused attention kernel disagrees with the reference on {device.type}; "
+                    "using the float32 reference kernel (slower)",
+                    stacklevel=2,
+                )
         _FUSED_VERIFIED[token] = ok
     return _FUSED_VERIFIED[token]
 
@@ -360,7 +380,9 @@ OBSERVED_BLOCK = 512
 MATH_BLOCK = 128
 
 
-def _far_queries(plan: LayerPlan, group: RowGroup, q: torch.Tensor, pos: torch.Tensor, distance: int) -> torch.Tensor:
+def _far_queries(
+    plan: LayerPlan, group: RowGroup, q: torch.Tensor, pos: torch.Tensor, distance: int
+) -> torch.Tensor:
     """Queries re-rotated so that an unrotated key sits at ``distance`` from them."""
     rotation = pos + group.rotation_offset
     return plan.rotary.move(q, rotation, torch.full_like(rotation, distance))
@@ -382,12 +404,18 @@ def _block_segments(plan: LayerPlan, group: RowGroup, start: int, stop: int) -> 
     # Diagonal: keys at the block's own positions (always present: a query sees itself).
     d_lo, d_hi = torch.searchsorted(k_pos, torch.tensor([first, last + 1], device=k_pos.device)).tolist()
     if d_hi - d_lo == stop - start and (window is None or window >= stop - start):
-        segments.append(Segment(slice(0, stop - start), q, group.key[:, :, d_lo:d_hi], group.value[:, :, d_lo:d_hi], "causal"))
+        segments.append(
+            Segment(
+                slice(0, stop - start), q, group.key[:, :, d_lo:d_hi], group.value[:, :, d_lo:d_hi], "causal"
+            )
+        )
     else:
-        mask = (k_pos[d_lo:d_hi][None] <= q_pos[:, None])
+        mask = k_pos[d_lo:d_hi][None] <= q_pos[:, None]
         if window is not None:
             mask &= k_pos[d_lo:d_hi][None] > q_pos[:, None] - window
-        segments.append(Segment(slice(0, stop - start), q, group.key[:, :, d_lo:d_hi], group.value[:, :, d_lo:d_hi], mask))
+        segments.append(
+            Segment(slice(0, stop - start), q, group.key[:, :, d_lo:d_hi], group.value[:, :, d_lo:d_hi], mask)
+        )
 
     # Keys before the block inside the local band.
     lowest_local = -1 if window is None else first - window  # keys must be > this for the first query
@@ -396,14 +424,18 @@ def _block_segments(plan: LayerPlan, group: RowGroup, start: int, stop: int) -> 
     mid = int(torch.searchsorted(k_pos, torch.tensor(all_see + 1, device=k_pos.device)))
     mid = max(mid, lo)
     if d_lo > mid:
-        segments.append(Segment(slice(0, stop - start), q, group.key[:, :, mid:d_lo], group.value[:, :, mid:d_lo]))
+        segments.append(
+            Segment(slice(0, stop - start), q, group.key[:, :, mid:d_lo], group.value[:, :, mid:d_lo])
+        )
     if min(mid, d_lo) > lo:
         hi = min(mid, d_lo)
         mask = k_pos[lo:hi][None] > q_pos[:, None] - window
         rows = mask.any(-1).nonzero()
         r0, r1 = int(rows[0]), int(rows[-1]) + 1
         segments.append(
-            Segment(slice(r0, r1), q[:, :, r0:r1], group.key[:, :, lo:hi], group.value[:, :, lo:hi], mask[r0:r1])
+            Segment(
+                slice(r0, r1), q[:, :, r0:r1], group.key[:, :, lo:hi], group.value[:, :, lo:hi], mask[r0:r1]
+            )
         )
 
     # Far keys: starting tokens that are outside the band for at least the block's last query. They are
@@ -421,19 +453,29 @@ def _block_segments(plan: LayerPlan, group: RowGroup, start: int, stop: int) -> 
                 far_k = group.far_keys[:, :, :far_hi]
             full = bool(mask[r0:r1].all())
             segments.append(
-                Segment(slice(r0, r1), far_q, far_k, group.value[:, :, :far_hi], None if full else mask[r0:r1])
+                Segment(
+                    slice(r0, r1), far_q, far_k, group.value[:, :, :far_hi], None if full else mask[r0:r1]
+                )
             )
     return segments
 
 
 def _top_k_partial(
-    plan: LayerPlan, group: RowGroup, start: int, stop: int, scale: float, softcap: float | None, want_mean: bool
+    plan: LayerPlan,
+    group: RowGroup,
+    start: int,
+    stop: int,
+    scale: float,
+    softcap: float | None,
+    want_mean: bool,
 ) -> tuple[slice, Partial] | None:
     """Each head's ``top_k`` highest-logit middle keys (not global, not local), seen at ``top_k_distance``."""
     q_pos = group.q_pos[start:stop]
     k_pos = group.k_pos
     middle_lo = int(torch.searchsorted(k_pos, torch.tensor(plan.n_global, device=k_pos.device)))
-    middle_hi = int(torch.searchsorted(k_pos, torch.tensor(int(q_pos[-1]) - plan.window + 1, device=k_pos.device)))
+    middle_hi = int(
+        torch.searchsorted(k_pos, torch.tensor(int(q_pos[-1]) - plan.window + 1, device=k_pos.device))
+    )
     if middle_hi <= middle_lo:
         return None
     valid = k_pos[middle_lo:middle_hi][None] <= q_pos[:, None] - plan.window
@@ -486,7 +528,13 @@ def _sampled_rows(
 
 
 def _sink_mass(
-    plan: LayerPlan, group: RowGroup, start: int, stop: int, lse: torch.Tensor, n_sink: int, scale: float,
+    plan: LayerPlan,
+    group: RowGroup,
+    start: int,
+    stop: int,
+    lse: torch.Tensor,
+    n_sink: int,
+    scale: float,
     softcap: float | None,
 ) -> torch.Tensor:
     """Probability mass ``[B, H, C]`` that each query puts on the first ``n_sink`` real tokens."""
@@ -494,8 +542,13 @@ def _sink_mass(
     if n_keys == 0:
         return torch.zeros_like(lse)
     sub = RowGroup(
-        group.query, group.key[:, :, :n_keys], group.value[:, :, :n_keys], group.q_pos, group.k_pos[:n_keys],
-        group.rotation_offset, None if group.far_keys is None else group.far_keys[:, :, :n_keys],
+        group.query,
+        group.key[:, :, :n_keys],
+        group.value[:, :, :n_keys],
+        group.q_pos,
+        group.k_pos[:n_keys],
+        group.rotation_offset,
+        None if group.far_keys is None else group.far_keys[:, :, :n_keys],
     )
     logits, _ = _sampled_rows(plan, sub, start, torch.arange(stop - start, device=lse.device), scale, softcap)
     return torch.exp(logits - lse.unsqueeze(-1)).sum(-1)
@@ -514,8 +567,12 @@ def attend_group(
     batch, heads, n_queries, dim = group.query.shape
     want_mean = observer is not None
     if plan.window is not None and plan.far_distance is not None and plan.n_global > 0:
-        group.far_keys = _unrotated(plan, group, group.key[:, :, : min(plan.n_global, group.key.shape[2])],
-                                    group.k_pos[: min(plan.n_global, group.key.shape[2])])
+        group.far_keys = _unrotated(
+            plan,
+            group,
+            group.key[:, :, : min(plan.n_global, group.key.shape[2])],
+            group.k_pos[: min(plan.n_global, group.key.shape[2])],
+        )
     if plan.top_k > 0:
         group.unrotated_keys = _unrotated(plan, group, group.key, group.k_pos)
     if block_size is None:
@@ -530,17 +587,26 @@ def attend_group(
     output = torch.empty(batch, n_queries, heads, dim, dtype=group.query.dtype, device=group.query.device)
     for start in range(0, n_queries, block_size):
         stop = min(start + block_size, n_queries)
-        parts = [(seg.rows, run_segment(seg, scale, softcap, want_mean)) for seg in _block_segments(plan, group, start, stop)]
+        parts = [
+            (seg.rows, run_segment(seg, scale, softcap, want_mean))
+            for seg in _block_segments(plan, group, start, stop)
+        ]
         if plan.top_k > 0:
             extra = _top_k_partial(plan, group, start, stop, scale, softcap, want_mean)
             if extra is not None:
                 parts.append(extra)
-        acc = merge_partials(parts, (batch, heads, stop - start, dim), group.query.device) if len(parts) > 1 else parts[0][1]
+        acc = (
+            merge_partials(parts, (batch, heads, stop - start, dim), group.query.device)
+            if len(parts) > 1
+            else parts[0][1]
+        )
         output[:, start:stop] = acc.out.transpose(1, 2).to(output.dtype)
         if observer is not None:
             positions = group.q_pos[start:stop]
             rows = observer.select_queries(positions)
-            sampled = _sampled_rows(plan, group, start, rows, scale, softcap) if rows.numel() else (None, None)
+            sampled = (
+                _sampled_rows(plan, group, start, rows, scale, softcap) if rows.numel() else (None, None)
+            )
             sink = (
                 _sink_mass(plan, group, start, stop, acc.lse, observer.sink_tokens, scale, softcap)
                 if observer.sink_tokens > 0
@@ -583,7 +649,9 @@ def oodlens_attention(
     if dropout and module.training:
         raise OodlensError("oodlens attention is for inference: call model.eval() before running it")
     if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
-        raise OodlensError(f"{type(module).__name__} uses learned attention sinks, which oodlens does not support")
+        raise OodlensError(
+            f"{type(module).__name__} uses learned attention sinks, which oodlens does not support"
+        )
     binding = binding_of(module)
     layer_idx = getattr(module, "layer_idx", 0) or 0
     if sliding_window is None:
@@ -594,7 +662,9 @@ def oodlens_attention(
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
 
     batch, _, n_queries, _ = query.shape
-    padding = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
+    padding = (
+        attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
+    )
     if padding is not None:
         total = padding.shape[-1]
     elif position_ids is not None:
@@ -612,11 +682,15 @@ def oodlens_attention(
     if padding is None:
         group = RowGroup(query, key, value, q_abs, k_abs, rotation_offset(0, 0))
         if position_ids is not None and batch > 1 and not (position_ids == position_ids[:1]).all():
-            raise OodlensError("rows with different position_ids need an attention_mask that marks their padding")
+            raise OodlensError(
+                "rows with different position_ids need an attention_mask that marks their padding"
+            )
         output = attend_group(plan, group, scale, softcap, observer, layer_idx, block_size)
         return output.contiguous(), None
 
-    output = torch.zeros(batch, n_queries, query.shape[1], query.shape[-1], dtype=query.dtype, device=query.device)
+    output = torch.zeros(
+        batch, n_queries, query.shape[1], query.shape[-1], dtype=query.dtype, device=query.device
+    )
     for row in range(batch):
         valid = padding[row].bool()
         pad = int((~valid).cumprod(0).sum())
@@ -627,10 +701,16 @@ def oodlens_attention(
         if not bool(keep_q.any()):
             continue
         group = RowGroup(
-            query[row : row + 1][:, :, keep_q], key[row : row + 1][:, :, keep_k], value[row : row + 1][:, :, keep_k],
-            q_abs[keep_q] - pad, k_abs[keep_k] - pad, rotation_offset(row, pad),
+            query[row : row + 1][:, :, keep_q],
+            key[row : row + 1][:, :, keep_k],
+            value[row : row + 1][:, :, keep_k],
+            q_abs[keep_q] - pad,
+            k_abs[keep_k] - pad,
+            rotation_offset(row, pad),
         )
-        output[row : row + 1, keep_q] = attend_group(plan, group, scale, softcap, observer, layer_idx, block_size)
+        output[row : row + 1, keep_q] = attend_group(
+            plan, group, scale, softcap, observer, layer_idx, block_size
+        )
     return output, None
 
 
@@ -658,6 +738,16 @@ def register() -> str:
 
 
 __all__ = [
-    "ATTENTION_NAME", "AttentionObserver", "Binding", "BlockStats", "KeyLayout", "LayerPlan", "bind", "unbind",
-    "binding_of", "register", "register_layout", "explicit_logits",
+    "ATTENTION_NAME",
+    "AttentionObserver",
+    "Binding",
+    "BlockStats",
+    "KeyLayout",
+    "LayerPlan",
+    "bind",
+    "unbind",
+    "binding_of",
+    "register",
+    "register_layout",
+    "explicit_logits",
 ]

@@ -34,13 +34,21 @@ class LMInfiniteLayer(DynamicLayer):
         values = torch.cat([self.values, value_states], dim=-2)
         stored_head = min(self.n_head, self.total)
         self.total += key_states.shape[-2]
-        register_layout(keys, KeyLayout(head=stored_head if stored_head < keys.shape[-2] else 0, total=self.total))
+        register_layout(
+            keys, KeyLayout(head=stored_head if stored_head < keys.shape[-2] else 0, total=self.total)
+        )
         keep_tail = self.n_local - 1
         head = min(self.n_head, self.total)
         if keys.shape[-2] > head + keep_tail:
-            self.keys = torch.cat([keys[:, :, :head], keys[:, :, -keep_tail:]], dim=-2) if keep_tail else keys[:, :, :head]
+            self.keys = (
+                torch.cat([keys[:, :, :head], keys[:, :, -keep_tail:]], dim=-2)
+                if keep_tail
+                else keys[:, :, :head]
+            )
             self.values = (
-                torch.cat([values[:, :, :head], values[:, :, -keep_tail:]], dim=-2) if keep_tail else values[:, :, :head]
+                torch.cat([values[:, :, :head], values[:, :, -keep_tail:]], dim=-2)
+                if keep_tail
+                else values[:, :, :head]
             )
         else:
             self.keys, self.values = keys, values
@@ -65,7 +73,8 @@ class LMInfiniteCache(DynamicCache):
     def __init__(self, config, n_head: int, n_local: int):
         super().__init__(config=config)
         self.layers = [
-            LMInfiniteLayer(n_head, n_local) if type(layer) is DynamicLayer else layer for layer in self.layers
+            LMInfiniteLayer(n_head, n_local) if type(layer) is DynamicLayer else layer
+            for layer in self.layers
         ]
 
     def stored_tokens(self) -> list[int]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, replace
+
 from torch import nn
 
 from . import attention
@@ -55,12 +56,15 @@ class Policy:
     limited: bool = False
     windowed: bool = False
 
-    def resolve(self, train_length: int) -> "Policy":
+    def resolve(self, train_length: int) -> Policy:
         """Fill unset lengths with ``train_length`` and validate."""
         window = self.window if self.window is not None or not self.windowed else train_length
         limit = self.distance_limit if self.distance_limit is not None or not self.limited else train_length
         resolved = replace(self, window=window, distance_limit=limit)
-        for label, value in (("n_local/window", resolved.window), ("distance_limit", resolved.distance_limit)):
+        for label, value in (
+            ("n_local/window", resolved.window),
+            ("distance_limit", resolved.distance_limit),
+        ):
             if value is not None and value <= 0:
                 raise OodlensError(f"{label} must be a positive number of tokens, got {value}")
         if resolved.n_global < 0 or resolved.top_k < 0:
@@ -102,8 +106,9 @@ def lambda_mask(n_global: int = 10, n_local: int | None = None) -> Policy:
 
 def distance_limit(limit: int | None = None) -> Policy:
     """Distance limit only (ReRoPE-like): every key, distances beyond ``limit`` clamped to ``limit``."""
-    return Policy("distance-limit", window=limit, n_global=EVERY_KEY, distance_limit=limit, windowed=True,
-                  limited=True)
+    return Policy(
+        "distance-limit", window=limit, n_global=EVERY_KEY, distance_limit=limit, windowed=True, limited=True
+    )
 
 
 def lm_infinite(
@@ -114,8 +119,16 @@ def lm_infinite(
     top_k_from_layer: int = 4,
 ) -> Policy:
     """LM-Infinite: Λ-shaped mask plus distance limit (and optionally top-k middle tokens)."""
-    return Policy("lm-infinite", window=n_local, n_global=n_global, distance_limit=distance_limit, top_k=top_k,
-                  top_k_from_layer=top_k_from_layer, windowed=True, limited=True)
+    return Policy(
+        "lm-infinite",
+        window=n_local,
+        n_global=n_global,
+        distance_limit=distance_limit,
+        top_k=top_k,
+        top_k_from_layer=top_k_from_layer,
+        windowed=True,
+        limited=True,
+    )
 
 
 POLICIES = {
@@ -137,7 +150,8 @@ def policy_by_name(name: str) -> Policy:
 def attention_modules(model: nn.Module) -> list[nn.Module]:
     """The attention modules of ``model`` in layer order (modules with a ``layer_idx`` and a projection)."""
     found = [
-        m for m in model.modules()
+        m
+        for m in model.modules()
         if hasattr(m, "layer_idx") and type(m).__name__.endswith("Attention") and hasattr(m, "config")
     ]
     return sorted(found, key=lambda m: m.layer_idx)
@@ -169,7 +183,9 @@ class PolicyHandle:
             model.set_attn_implementation(name)
         except Exception as error:  # transformers raises several types here
             self._unbind()
-            raise OodlensError(f"{type(model).__name__} cannot switch attention implementation: {error}") from error
+            raise OodlensError(
+                f"{type(model).__name__} cannot switch attention implementation: {error}"
+            ) from error
         if model.config._attn_implementation != name:
             self._unbind()
             raise OodlensError(
@@ -213,15 +229,20 @@ class PolicyHandle:
         extra = 0 if attention_mask is None else int((attention_mask == 0).long().cumprod(-1).sum(-1).max())
         return LMInfiniteCache(self.model.config, self.policy.n_global + extra, self.policy.window)
 
-    def __enter__(self) -> "PolicyHandle":
+    def __enter__(self) -> PolicyHandle:
         return self
 
     def __exit__(self, *exc) -> None:
         self.remove()
 
 
-def apply_policy(model: nn.Module, policy: Policy, observer=None, train_length: int | None = None,
-                 block_size: int | None = None) -> PolicyHandle:
+def apply_policy(
+    model: nn.Module,
+    policy: Policy,
+    observer=None,
+    train_length: int | None = None,
+    block_size: int | None = None,
+) -> PolicyHandle:
     """Route ``model``'s attention through ``policy`` (lengths resolved against ``train_length``).
 
     Raises:

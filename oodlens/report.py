@@ -134,7 +134,9 @@ def _figures(result: ProbeResult, folder: Path) -> list[Path]:
             "hidden_pca": lambda: plotting.plot_hidden_pca(diagnoses),
             "hidden_norm": lambda: plotting.plot_hidden_norm(diagnoses, train),
         }
-    drawings["perplexity_by_position"] = lambda: plotting.plot_perplexity_by_position(result.perplexity, train)
+    drawings["perplexity_by_position"] = lambda: plotting.plot_perplexity_by_position(
+        result.perplexity, train
+    )
     if result.passkey is not None:
         drawings["passkey"] = lambda: plotting.plot_passkey_heatmap(result.passkey, train)
     if result.generation is not None:
@@ -144,7 +146,8 @@ def _figures(result: ProbeResult, folder: Path) -> list[Path]:
         drawings["method_comparison"] = lambda: plotting.plot_method_comparison(comparison, facet=True)
     if result.streaming is not None:
         drawings["streaming_perplexity"] = lambda: plotting.plot_perplexity_by_position(
-            {result.streaming.method: result.streaming}, train)
+            {result.streaming.method: result.streaming}, train
+        )
     paths = []
     with plotting.style():
         for name, draw in drawings.items():
@@ -157,17 +160,17 @@ def _figures(result: ProbeResult, folder: Path) -> list[Path]:
 
 FIGURE_CAPTIONS = {
     "logits_by_distance": "Factor 1 — running maximum of attention logits against distance (mean over heads, "
-                          "band: spread over heads). Vanilla's bound keeps rising past the pretraining length; "
-                          "the distance limit caps it.",
+    "band: spread over heads). Vanilla's bound keeps rising past the pretraining length; "
+    "the distance limit caps it.",
     "max_logit_by_position": "Largest attention logit of each sampled query against its position.",
     "entropy_by_position": "Factor 2 — attention entropy against query position, with the ln n reference of a "
-                           "uniform distribution. Attending to more tokens than seen in training raises it.",
+    "uniform distribution. Attending to more tokens than seen in training raises it.",
     "sink_mass": "Attention mass on the first tokens (the 'sink') against query position.",
     "hidden_pca": "Factor 3 — PCA of hidden states coloured by position: the starting tokens sit in a region "
-                  "of their own, which a plain sliding window would drop.",
+    "of their own, which a plain sliding window would drop.",
     "hidden_norm": "Hidden-state norm and cosine similarity to the mean of later positions, by position.",
     "perplexity_by_position": "Perplexity by position (log scale) for every method and the content-matched "
-                              "baseline whose context is truncated to the pretraining length.",
+    "baseline whose context is truncated to the pretraining length.",
     "passkey": "Passkey retrieval accuracy by prompt length and needle depth.",
     "generation_quality": "BLEU and ROUGE-L of generated continuations after long contexts.",
     "method_comparison": "Headline numbers per method.",
@@ -211,9 +214,13 @@ def render_markdown(result: ProbeResult, summary: dict, figures: list[Path], roo
             continue
         diagnosis = block.get("diagnosis", {})
         passkey = ", ".join(f"{k}: {_cell(v)}" for k, v in block.get("passkey", {}).items()) or "–"
-        generation = "; ".join(
-            f"{k}: {_cell(v.get('bleu'))} / {_cell(v.get('rouge_l'))}" for k, v in block.get("generation", {}).items()
-        ) or "–"
+        generation = (
+            "; ".join(
+                f"{k}: {_cell(v.get('bleu'))} / {_cell(v.get('rouge_l'))}"
+                for k, v in block.get("generation", {}).items()
+            )
+            or "–"
+        )
         lines.append(
             f"| {method} | {_cell(block.get('ppl_within_train_length'))} | {_cell(block.get('ppl_beyond_train_length'))} "
             f"| {_cell(diagnosis.get('max_logit_within'))} | {_cell(diagnosis.get('max_logit_beyond'))} "
@@ -225,8 +232,14 @@ def render_markdown(result: ProbeResult, summary: dict, figures: list[Path], roo
     lines += ["", "## Figures", ""]
     for png in figures:
         name = png.stem
-        lines += [f"### {name.replace('_', ' ')}", "", FIGURE_CAPTIONS.get(name, ""), "",
-                  f"![{name}]({png.relative_to(root)})", ""]
+        lines += [
+            f"### {name.replace('_', ' ')}",
+            "",
+            FIGURE_CAPTIONS.get(name, ""),
+            "",
+            f"![{name}]({png.relative_to(root)})",
+            "",
+        ]
     lines += [
         "## Files",
         "",

@@ -36,7 +36,9 @@ def model_rotation(model, attention):
             return torch.cat([rot, xt[..., dim:]], dim=-1).transpose(1, 2)
         args = (x, pos) if layer_type is None else (x, pos, layer_type)
         cos, sin = rotary(*args)
-        scale = getattr(rotary, "attention_scaling", None) or getattr(rotary, f"{layer_type}_attention_scaling", 1.0)
+        scale = getattr(rotary, "attention_scaling", None) or getattr(
+            rotary, f"{layer_type}_attention_scaling", 1.0
+        )
         cos, sin = cos / scale, sin / scale
         sin = -sin if inverse else sin
         out, _ = modeling.apply_rotary_pos_emb(x, x, cos, sin)
@@ -68,8 +70,19 @@ class DenseReference:
     def __exit__(self, *exc):
         self.model.set_attn_implementation(self.previous)
 
-    def attend(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None,
-               sliding_window=None, **kwargs):
+    def attend(
+        self,
+        module,
+        query,
+        key,
+        value,
+        attention_mask,
+        scaling=None,
+        dropout=0.0,
+        softcap=None,
+        sliding_window=None,
+        **kwargs,
+    ):
         n_q, n_k = query.shape[2], key.shape[2]
         groups = query.shape[1] // key.shape[1]
         key = key.repeat_interleave(groups, 1).float()
@@ -100,7 +113,9 @@ class DenseReference:
             else:
                 q_far = rotate(q_plain, torch.full((n_q,), self.limit)).float()
                 far_logits = cap(q_far @ k_plain.transpose(-1, -2) * scaling)
-            logits = torch.where(local, logits, torch.where(far, far_logits, torch.full_like(logits, float("-inf"))))
+            logits = torch.where(
+                local, logits, torch.where(far, far_logits, torch.full_like(logits, float("-inf")))
+            )
             if self.top_k and module.layer_idx >= self.top_k_from_layer:
                 q_mid = rotate(q_plain, torch.full((n_q,), self.limit // 2)).float()
                 mid_logits = cap(q_mid @ k_plain.transpose(-1, -2) * scaling)

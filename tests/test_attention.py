@@ -17,7 +17,10 @@ LENGTH = 96  # beyond the tiny models' training length of 64
 TOL = 1e-5
 
 POLICY_CASES = {
-    "lm-infinite": (lm_infinite(n_global=3, n_local=20, distance_limit=24), dict(window=20, n_global=3, distance_limit=24)),
+    "lm-infinite": (
+        lm_infinite(n_global=3, n_local=20, distance_limit=24),
+        dict(window=20, n_global=3, distance_limit=24),
+    ),
     "lm-infinite-top-k": (
         lm_infinite(n_global=3, n_local=20, distance_limit=24, top_k=2, top_k_from_layer=1),
         dict(window=20, n_global=3, distance_limit=24, top_k=2, top_k_from_layer=1),
@@ -104,8 +107,12 @@ def test_context_manager_restores_on_error(family_model):
 @pytest.mark.parametrize("chunk", [1, 5])
 def test_bounded_cache_decoding_equals_full_forward(family_model, chunk):
     ids = _ids(family_model, length=80)
-    with torch.no_grad(), apply_policy(family_model, lm_infinite(n_global=3, n_local=20, distance_limit=24),
-                                       train_length=64) as handle:
+    with (
+        torch.no_grad(),
+        apply_policy(
+            family_model, lm_infinite(n_global=3, n_local=20, distance_limit=24), train_length=64
+        ) as handle,
+    ):
         full = family_model(ids).logits
         cache = handle.new_cache()
         pieces = [
@@ -121,12 +128,21 @@ def test_bounded_cache_decoding_equals_full_forward(family_model, chunk):
 
 def test_dynamic_cache_decoding_equals_full_forward(family_model):
     ids = _ids(family_model, length=80)
-    with torch.no_grad(), apply_policy(family_model, lm_infinite(n_global=3, n_local=20, distance_limit=24, top_k=2,
-                                                                 top_k_from_layer=0), train_length=64):
+    with (
+        torch.no_grad(),
+        apply_policy(
+            family_model,
+            lm_infinite(n_global=3, n_local=20, distance_limit=24, top_k=2, top_k_from_layer=0),
+            train_length=64,
+        ),
+    ):
         full = family_model(ids).logits
         cache = DynamicCache(config=family_model.config)
         first = family_model(ids[:, :50], past_key_values=cache, use_cache=True).logits
-        rest = [family_model(ids[:, i : i + 1], past_key_values=cache, use_cache=True).logits for i in range(50, 80)]
+        rest = [
+            family_model(ids[:, i : i + 1], past_key_values=cache, use_cache=True).logits
+            for i in range(50, 80)
+        ]
     assert (torch.cat([first, *rest], dim=1) - full).abs().max().item() < TOL
 
 
@@ -137,12 +153,21 @@ def test_left_padded_batch_matches_unpadded_rows():
     batch = torch.cat([torch.cat([torch.zeros(1, pad, dtype=torch.long), short], 1), long])
     mask = torch.ones_like(batch)
     mask[0, :pad] = 0
-    with torch.no_grad(), oodlens.apply_lm_infinite(model, n_global=3, n_local=20, distance_limit=24,
-                                                    train_length=64) as handle:
+    with (
+        torch.no_grad(),
+        oodlens.apply_lm_infinite(
+            model, n_global=3, n_local=20, distance_limit=24, train_length=64
+        ) as handle,
+    ):
         expected_short, expected_long = model(short).logits, model(long).logits
         padded = model(batch, attention_mask=mask).logits
-        generated = model.generate(batch, attention_mask=mask, max_new_tokens=4, do_sample=False,
-                                   past_key_values=handle.new_cache(attention_mask=mask))
+        generated = model.generate(
+            batch,
+            attention_mask=mask,
+            max_new_tokens=4,
+            do_sample=False,
+            past_key_values=handle.new_cache(attention_mask=mask),
+        )
         alone = model.generate(short, max_new_tokens=4, do_sample=False)
     assert (padded[0, pad:] - expected_short[0]).abs().max() < TOL
     assert (padded[1] - expected_long[0]).abs().max() < TOL

@@ -45,8 +45,17 @@ def test_summary_schema(probe_folder):
 
 def test_figures_are_real_images(probe_folder):
     pngs = sorted((probe_folder / "figures").glob("*.png"))
-    expected = {"logits_by_distance", "entropy_by_position", "hidden_pca", "perplexity_by_position", "passkey",
-                "generation_quality", "method_comparison", "sink_mass", "streaming_perplexity"}
+    expected = {
+        "logits_by_distance",
+        "entropy_by_position",
+        "hidden_pca",
+        "perplexity_by_position",
+        "passkey",
+        "generation_quality",
+        "method_comparison",
+        "sink_mass",
+        "streaming_perplexity",
+    }
     assert expected <= {p.stem for p in pngs}
     for png in pngs:
         image = matplotlib.image.imread(png)
@@ -110,8 +119,21 @@ def test_bad_input_is_a_clear_one_line_error(tmp_path, capsys, extra, message):
 
 def test_learned_positions_skip_the_fix_but_diagnose(tmp_path):
     out = tmp_path / "gpt2"
-    code = probe.main(["--model", "tiny:gpt2", "--out", str(out), "--length", "64", "--train-length", "32",
-                       "--no-passkey", "--no-generation", "--no-progress"])
+    code = probe.main(
+        [
+            "--model",
+            "tiny:gpt2",
+            "--out",
+            str(out),
+            "--length",
+            "64",
+            "--train-length",
+            "32",
+            "--no-passkey",
+            "--no-generation",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     assert "rotary" in summary["methods"]["lm-infinite"]["skipped"]
@@ -135,8 +157,9 @@ def test_memory_estimate_refuses_impossible_requests(tmp_path, capsys, monkeypat
 
 @pytest.mark.slow
 def test_smollm2_short_probe(tmp_path, smollm2):
-    config = probe.ProbeConfig(length=1024, train_length=512, passkey_lengths=(1024,), new_tokens=16,
-                               progress=False)
+    config = probe.ProbeConfig(
+        length=1024, train_length=512, passkey_lengths=(1024,), new_tokens=16, progress=False
+    )
     result = probe.run_probe(config, loaded=smollm2, log=lambda message: None)
     folder = report.write_report(result, tmp_path / "smollm2")
     summary = json.loads((folder / "summary.json").read_text())
