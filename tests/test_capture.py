@@ -219,7 +219,8 @@ def test_default_bins_pool_windows_and_blocks():
         logits = torch.cat([rows[layer][0][0] for rows in pooled], dim=1).numpy()  # [H, 2Q, K]
         weights = torch.cat([rows[layer][1][0] for rows in pooled], dim=1).numpy()
         bins = np.concatenate([distance_bin, distance_bin])
-        entropy = -(weights * np.log(weights, out=np.zeros_like(weights), where=weights > 0)).sum(-1)  # [H, 2Q]
+        log_weights = np.log(weights, out=np.zeros_like(weights), where=weights > 0)
+        entropy = -(weights * log_weights).sum(-1)  # [H, 2Q]
         query_bins = np.concatenate([position_bin, position_bin])
         for head in range(logits.shape[0]):
             for k, start in enumerate(geometry.distance_edges[:-1]):
@@ -422,9 +423,9 @@ def test_smollm2_entropy_grows_beyond_pretraining_length(smollm2_diagnosis):
 @pytest.mark.xfail(
     strict=True,
     reason="measured (docs/capture.md): at 9,216 tokens SmolLM2's largest logit at distances ≥ 8,192 (10.5) "
-    "stays below the largest within (18.0), also per head and for the last token alone; the paper's "
-    "last-token running max rises past 8,192 only because the first tokens (attention sinks, high logits "
-    "at every distance) enter that distance range",
+    "stays below the largest within (18.0), also per head and for the last token; the paper's last-token "
+    "running max rises past 8,192 only because the first tokens (attention sinks, high logits at every "
+    "distance) enter that range. At 16,384 tokens it holds clearly (48.2 against 19.4), too slow for a test",
 )
 def test_smollm2_max_logit_beyond_exceeds_within(smollm2_diagnosis):
     """Factor 1 as the paper states it; kept strict so that a change in the measurement shows up."""
