@@ -845,7 +845,7 @@ class Diagnosis:
                 "tables": list(self.tables),
                 "hidden_layers": sorted(self.samples),
             }
-            (staging / HEADER_FILE).write_text(json.dumps(_json_ready(header), indent=2))
+            (staging / HEADER_FILE).write_text(json.dumps(json_ready(header), indent=2))
             _replace_folder(staging, target)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -882,12 +882,12 @@ def _weighted_mean(values: pd.Series, weights: pd.Series) -> float:
     return float((values * weights).sum() / total) if total > 0 else math.nan
 
 
-def _json_ready(value: Any) -> Any:
+def json_ready(value: Any) -> Any:
     """NaN and infinities become None (JSON has neither); numpy scalars become Python numbers."""
     if isinstance(value, dict):
-        return {str(key): _json_ready(item) for key, item in value.items()}
+        return {str(key): json_ready(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_ready(item) for item in value]
+        return [json_ready(item) for item in value]
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
@@ -919,7 +919,7 @@ def _sequence_shape(args: tuple, kwargs: dict) -> tuple[int, int]:
     return hidden.shape[0], hidden.shape[1]
 
 
-def _versions() -> dict[str, str]:
+def runtime_versions() -> dict[str, str]:
     import transformers
 
     try:
@@ -1046,7 +1046,7 @@ class CaptureSession:
                 key: (list(value) if isinstance(value, Sequence) else value)
                 for key, value in asdict(self.config).items()
             },
-            "versions": _versions(),
+            "versions": runtime_versions(),
         }
 
 

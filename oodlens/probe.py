@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .capture import CaptureConfig, Diagnosis, capture
+from .capture import CaptureConfig, Diagnosis, capture, json_ready, runtime_versions
 from .data import corpus_tokens, load_corpus, token_windows
 from .errors import OodlensError
 from .evaluate import (
@@ -156,8 +156,8 @@ class ProbeResult:
             "ppl_beyond_train_length": ppl.get("ppl_beyond_train_length"),
         }
         if method in self.diagnoses:
-            block["diagnosis"] = _json_numbers(self.diagnoses[method].summary())
-            block["theory"] = _json_numbers(self.theory[method].summary())
+            block["diagnosis"] = json_ready(self.diagnoses[method].summary())
+            block["theory"] = json_ready(self.theory[method].summary())
         if self.passkey is not None:
             block["passkey"] = self.passkey.summary().get(method, {})
         if self.generation is not None:
@@ -178,11 +178,11 @@ class ProbeResult:
             "corpus": self.config.corpus,
             "n_windows": self.config.windows,
             "seed": self.config.seed,
-            "config": _json_numbers(asdict(self.config)),
-            "versions": _versions(),
+            "config": json_ready(asdict(self.config)),
+            "versions": runtime_versions(),
             "seconds": round(self.seconds, 1),
             "methods": methods,
-            "streaming": None if self.streaming is None else _json_numbers(self.streaming.summary()),
+            "streaming": None if self.streaming is None else json_ready(self.streaming.summary()),
             "warnings": self.warnings,
             "verdict": self.verdict(),
         }
@@ -190,34 +190,6 @@ class ProbeResult:
     def verdict(self) -> str:
         """One paragraph: where vanilla breaks and whether the fix held."""
         return _verdict(self)
-
-
-def _versions() -> dict[str, str]:
-    import transformers
-
-    from . import __version__
-
-    return {
-        "oodlens": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": sys.version.split()[0],
-    }
-
-
-def _json_numbers(value: Any) -> Any:
-    """JSON has no NaN/inf and no numpy scalars: convert recursively (non-finite → None)."""
-    if isinstance(value, dict):
-        return {str(k): _json_numbers(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_numbers(v) for v in value]
-    if isinstance(value, (np.floating, float)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.bool_):
-        return bool(value)
-    return value
 
 
 def _fmt(value: float | None) -> str:
