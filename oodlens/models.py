@@ -273,11 +273,18 @@ def _load_folder(path: Path, device: torch.device, dtype: torch.dtype) -> tuple[
         raise OodlensError(
             f"folder {str(path)!r} has no config.json: pass a Hugging Face model folder or a .gguf file"
         )
+    return _from_pretrained(path, f"model folder {str(path)!r}", device, dtype)
+
+
+def _from_pretrained(
+    source: str | Path, label: str, device: torch.device, dtype: torch.dtype
+) -> tuple[PreTrainedModel, Any]:
+    """Tokenizer and model from a folder or hub id; transformers' load errors become one-line OodlensErrors."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=str(device))
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=str(device))
     except (OSError, ValueError) as error:
-        raise OodlensError(f"cannot load model folder {str(path)!r}: {_first_line(error)}") from error
+        raise OodlensError(f"cannot load {label}: {_first_line(error)}") from error
     return model, tokenizer
 
 
@@ -291,12 +298,7 @@ def _load_from_hub(name: str, device: torch.device, dtype: torch.dtype) -> tuple
             f"cannot fetch {name!r}: the hub ({endpoint}) is unreachable, so this machine is offline; "
             f"{offline_fix}"
         )
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, device_map=str(device))
-    except (OSError, ValueError) as error:
-        raise OodlensError(f"cannot load {name!r} from the hub: {_first_line(error)}") from error
-    return model, tokenizer
+    return _from_pretrained(name, f"{name!r} from the hub", device, dtype)
 
 
 def _reachable(url: str, timeout_s: float) -> bool:
