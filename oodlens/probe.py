@@ -466,18 +466,19 @@ def run_probe(
 # --------------------------------------------------------------------------------------------------------
 
 
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in text.split(",") if part)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+def _number_list(cast: type) -> Callable[[str], tuple]:
+    """An argparse type for comma-separated numbers of type ``cast``."""
+
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(cast(part) for part in text.split(",") if part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {cast.__name__}s, got {text!r}") from None
+
+    return parse
 
 
-def _float_list(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(part) for part in text.split(",") if part)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+_int_list, _float_list = _number_list(int), _number_list(float)
 
 
 def build_parser() -> argparse.ArgumentParser:
