@@ -57,8 +57,9 @@ def parse(
     description: str,
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
     argv: list[str] | None = None,
+    windows: int = 1,
 ) -> Settings:
-    """The shared options; ``add_arguments`` adds a script's own."""
+    """The shared options; ``add_arguments`` adds a script's own; ``windows`` is the script's default."""
     parser = argparse.ArgumentParser(
         prog=f"python analyses/{name}.py",
         description=description,
@@ -75,7 +76,7 @@ def parse(
     )
     parser.add_argument("--quick", action="store_true", help="tiny random model, short lengths (for tests)")
     parser.add_argument("--recompute", action="store_true", help="ignore cached results")
-    parser.add_argument("--windows", type=int, default=1, help="token windows to average over")
+    parser.add_argument("--windows", type=int, default=windows, help="token windows to average over")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")

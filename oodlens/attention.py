@@ -209,8 +209,14 @@ def _expand_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
 def explicit_logits(
     queries: torch.Tensor, keys: torch.Tensor, scale: float, softcap: float | None
 ) -> torch.Tensor:
-    """Float32 logits ``[B, Hq, R, S]`` for queries ``[B, Hq, R, D]`` and keys ``[B, Hkv, S, D]``."""
-    logits = queries.float() @ _expand_kv(keys, queries.shape[1]).float().transpose(-1, -2) * scale
+    """Float32 logits ``[B, Hq, R, S]`` for queries ``[B, Hq, R, D]`` and keys ``[B, Hkv, S, D]``.
+
+    Query heads that share a key head (GQA) are stacked into one matmul instead of repeating the keys.
+    """
+    batch, heads, rows, dim = queries.shape
+    kv_heads = keys.shape[1]
+    stacked = queries.float().reshape(batch, kv_heads, (heads // kv_heads) * rows, dim)
+    logits = (stacked @ keys.float().transpose(-1, -2)).view(batch, heads, rows, -1).mul_(scale)
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     return logits
@@ -232,24 +238,29 @@ def _segment_math(seg: Segment, scale: float, softcap: float | None, want_mean: 
 
 
 def _float_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, NEG_INF)
+    """Additive mask; its rows are padded to a multiple of 16 (then sliced) as CUDA's kernel needs aligned rows."""
+    rows, cols = mask.shape
+    aligned = torch.zeros(rows, -(-cols // 16) * 16, dtype=dtype, device=mask.device)
+    return aligned[:, :cols].masked_fill_(~mask, NEG_INF)
 
 
 def _segment_fused(seg: Segment, scale: float, want_mean: bool) -> Partial:
     """Fused kernel (CPU flash / CUDA memory-efficient attention) that also returns the log-sum-exp.
 
-    With ``want_mean`` the keys ride along as extra value channels (queries and keys are zero-padded to the
-    same width, as the kernels need equal head sizes), giving ``Σ_j p_j k_j`` in the same pass.
+    With ``want_mean`` the keys ride along as extra value channels, giving ``Σ_j p_j k_j`` in the same pass
+    (on CPU queries and keys are zero-padded to the same width, as that kernel needs equal head sizes).
     """
     q, k, v = seg.queries, seg.keys, seg.values
     d = q.shape[-1]
+    on_cuda = q.device.type == "cuda"
     if want_mean:
         v = torch.cat((v, k), dim=-1)
-        q = torch.nn.functional.pad(q, (0, d))
-        k = torch.nn.functional.pad(k, (0, d))
+        if not on_cuda:  # CUDA's kernel takes wider values; the CPU one needs equal head sizes
+            q = torch.nn.functional.pad(q, (0, d))
+            k = torch.nn.functional.pad(k, (0, d))
     causal = isinstance(seg.mask, str)
     float_mask = _float_mask(seg.mask, q.dtype) if isinstance(seg.mask, torch.Tensor) else None
-    if q.device.type == "cuda":
+    if on_cuda:
         n_heads = q.shape[1]
         out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
             q,

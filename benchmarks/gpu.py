@@ -1,0 +1,243 @@
+"""LM-Infinite against vanilla SDPA on a GPU, on random-weight models of real shapes (no hub access needed).
+
+Cases, each timed after a warm-up on the same shapes (CUDA synchronised, peak memory from the allocator):
+
+1. ``one-layer``: one attention layer of Llama-2-7B's shape (32 heads × 128, bf16, a minimal MLP) with
+   ``n_global=10``, window and distance limit 4096; the same shape as the attention anchors in FACTS.md.
+2. ``smollm2``: SmolLM2-135M's shape (30 layers, 9 query / 3 key-value heads, bf16), window 8192, one
+   prefill forward from 8k to 128k tokens.
+3. ``llama-2-7b``: Llama-2-7B's shape (bf16), window 4096, prefill at 8k–32k.
+4. ``capture``: the cost of capturing the three factors (observed forward) on the SmolLM2 shape at 16k.
+5. ``decode``: greedy decoding after a 32k prefill with LM-Infinite's bounded cache vs the dynamic cache
+   (memory held by the cache, time per token).
+
+    python benchmarks/gpu.py --out results/                   # writes gpu.json and prints tables
+    python benchmarks/gpu.py --cases one-layer --lengths 8192,65536
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
+
+import oodlens
+from oodlens.policies import apply_policy, lm_infinite, vanilla
+
+SMOLLM2_SHAPE = dict(
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    vocab_size=49152,
+    max_position_embeddings=8192,
+    rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+    tie_word_embeddings=True,
+)
+LLAMA2_7B_SHAPE = dict(
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    vocab_size=32000,
+    max_position_embeddings=4096,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+)
+ONE_LAYER_SHAPE = LLAMA2_7B_SHAPE | dict(num_hidden_layers=1, intermediate_size=128, vocab_size=256)
+
+
+def random_model(shape: dict, dtype: torch.dtype = torch.bfloat16):
+    """A randomly initialised Llama of ``shape`` on the GPU, SDPA attention, eval mode."""
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(
+            LlamaConfig(**shape), dtype=dtype, attn_implementation="sdpa"
+        )
+    return model.eval()
+
+
+def timed(run: Callable[[], object]) -> tuple[float, float]:
+    """Seconds and peak GiB allocated during ``run()`` (beyond what was allocated before)."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    run()
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return seconds, (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def routed(model, method: str, train_length: int):
+    """``vanilla`` is the model as loaded (SDPA, flash on the GPU); ``lm-infinite`` runs through the engine."""
+    if method == "vanilla":
+        return contextlib.nullcontext()
+    return apply_policy(model, lm_infinite(), train_length=train_length)
+
+
+def prefill(model, length: int, method: str, train_length: int) -> dict:
+    """One forward of ``length`` random tokens under ``method``; returns time and extra peak memory."""
+    ids = torch.randint(0, model.config.vocab_size, (1, length), device="cuda")
+    with torch.no_grad(), routed(model, method, train_length):
+        model(ids[:, : min(length, 2048)], use_cache=False, logits_to_keep=1)  # warm-up
+        seconds, peak = timed(lambda: model(ids, use_cache=False, logits_to_keep=1))
+    return {"method": method, "length": length, "seconds": seconds, "peak_gib": peak}
+
+
+def compare(model, lengths: list[int], train_length: int, label: str) -> list[dict]:
+    rows = []
+    for length in lengths:
+        pair = {m: prefill(model, length, m, train_length) for m in ("vanilla", "lm-infinite")}
+        for row in pair.values():
+            row |= {"model": label, "ms_per_token": 1000 * row["seconds"] / length}
+            row["time_ratio"] = row["seconds"] / pair["vanilla"]["seconds"]
+            row["memory_ratio"] = row["peak_gib"] / max(pair["vanilla"]["peak_gib"], 1e-9)
+            rows.append(row)
+            print(
+                f"{label:10s} {row['method']:12s} {length:7d}: {1000 * row['seconds']:9.1f} ms "
+                f"{row['peak_gib']:7.2f} GiB  time ×{row['time_ratio']:.2f}  memory ×{row['memory_ratio']:.2f}",
+                flush=True,
+            )
+        torch.cuda.empty_cache()
+    return rows
+
+
+def capture_cost(length: int) -> list[dict]:
+    """Observed forward (all layers, every query's entropy, sampled logit rows) against the plain forward."""
+    from oodlens.capture import capture
+
+    model = random_model(SMOLLM2_SHAPE)
+    ids = torch.randint(0, model.config.vocab_size, (1, length), device="cuda")
+    rows = []
+    with torch.no_grad():
+        model(ids[:, :2048], use_cache=False, logits_to_keep=1)
+        plain, plain_peak = timed(lambda: model(ids, use_cache=False, logits_to_keep=1))
+        for policy in (vanilla(), lm_infinite()):
+            with capture(model, policy, train_length=8192, name="smollm2-shape"):
+                model(ids[:, :2048], use_cache=False, logits_to_keep=1)
+            with capture(model, policy, train_length=8192, name="smollm2-shape"):
+                seconds, peak = timed(lambda: model(ids, use_cache=False, logits_to_keep=1))
+            rows.append(
+                {
+                    "policy": policy.name,
+                    "length": length,
+                    "plain_seconds": plain,
+                    "capture_seconds": seconds,
+                    "time_ratio": seconds / plain,
+                    "memory_ratio": peak / plain_peak,
+                }
+            )
+            print(f"capture ({policy.name}) at {length}: {rows[-1]}", flush=True)
+    return rows
+
+
+def decode(length: int, steps: int = 32) -> list[dict]:
+    """Greedy decoding after a ``length``-token prefill: bounded LM-Infinite cache vs the dynamic cache."""
+    model = random_model(SMOLLM2_SHAPE)
+    ids = torch.randint(0, model.config.vocab_size, (1, length), device="cuda")
+    rows = []
+    for method in ("vanilla", "lm-infinite"):
+        with torch.no_grad(), routed(model, method, 8192) as handle:
+            cache = handle.new_cache() if handle is not None else DynamicCache(config=model.config)
+            out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            token = out.logits[:, -1:].argmax(-1)
+
+            def steps_run():
+                nonlocal token
+                for _ in range(steps):
+                    token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+
+            seconds, _ = timed(steps_run)
+            cache_gib = sum(
+                t.numel() * t.element_size()
+                for layer in cache.layers
+                for t in (layer.keys, layer.values)
+                if t is not None
+            ) / 2**30
+        rows.append(
+            {"method": method, "context": length, "ms_per_token": 1000 * seconds / steps, "cache_gib": cache_gib}
+        )
+        print(f"decode {method:12s} after {length}: {rows[-1]}", flush=True)
+        del cache
+        torch.cuda.empty_cache()
+    return rows
+
+
+CASES = ("kernels", "one-layer", "smollm2", "llama-2-7b", "capture", "decode")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("."))
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--lengths", default=None, help="override every case's prefill lengths")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/gpu.py needs a CUDA GPU")
+    override = [int(n) for n in args.lengths.split(",")] if args.lengths else None
+    results: dict[str, object] = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "oodlens": oodlens.__version__,
+    }
+    import transformers
+
+    results["transformers"] = transformers.__version__
+    print(results, flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def record(name: str, compute: Callable[[], object]) -> None:
+        started = time.perf_counter()
+        try:
+            results[name] = compute()
+        except Exception as error:  # keep the other cases' numbers
+            results[name] = {"error": f"{type(error).__name__}: {error}"}
+            print(f"{name} failed: {error!r}", flush=True)
+        print(f"== {name}: {time.perf_counter() - started:.0f} s", flush=True)
+        (args.out / "gpu.json").write_text(json.dumps(results, indent=2))
+
+    from oodlens.attention import fused_kernel_works
+
+    cases = args.cases.split(",")
+    if "kernels" in cases:
+        record(
+            "kernels",
+            lambda: {
+                str(dtype): fused_kernel_works(torch.device("cuda"), dtype)
+                for dtype in (torch.float32, torch.bfloat16, torch.float16)
+            },
+        )
+    if "one-layer" in cases:
+        record(
+            "one-layer",
+            lambda: compare(
+                random_model(ONE_LAYER_SHAPE), override or [8192, 16384, 32768, 65536], 4096, "one-layer"
+            ),
+        )
+    if "smollm2" in cases:
+        record(
+            "smollm2",
+            lambda: compare(
+                random_model(SMOLLM2_SHAPE), override or [8192, 16384, 32768, 131072], 8192, "smollm2"
+            ),
+        )
+    if "llama-2-7b" in cases:
+        record(
+            "llama-2-7b",
+            lambda: compare(random_model(LLAMA2_7B_SHAPE), override or [8192, 16384, 32768], 4096, "llama-2-7b"),
+        )
+    if "capture" in cases:
+        record("capture", lambda: capture_cost(16384))
+    if "decode" in cases:
+        record("decode", lambda: decode(32768))
+
+
+if __name__ == "__main__":
+    main()
