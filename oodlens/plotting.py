@@ -121,10 +121,15 @@ def _styled(plot: Callable[..., Figure]) -> Callable[..., Figure]:
     return styled
 
 
+def _canonical(name: str) -> str:
+    """A method or run label as the colour table spells it ("Before" → "vanilla", "LM_Infinite" → …)."""
+    key = str(name).strip().lower().replace("_", "-").replace(" ", "-")
+    return METHOD_ALIASES.get(key, key)
+
+
 def method_color(name: str) -> str:
     """Fixed colour of a method or run label ("before" as vanilla, "after" as lm-infinite); others: stable."""
-    key = str(name).strip().lower().replace("_", "-").replace(" ", "-")
-    key = METHOD_ALIASES.get(key, key)
+    key = _canonical(name)
     if not key:
         return UNNAMED_COLOR
     if key in METHOD_COLORS:
@@ -151,7 +156,7 @@ def _save_atomic(fig: Figure, target: Path) -> Path:
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     metadata = {"CreationDate": None} if fmt == "pdf" else None  # reproducible PDF bytes
     try:
-        fig.savefig(tmp, format=fmt, dpi=DPI, metadata=metadata)
+        fig.savefig(tmp, format=fmt, dpi=DPI, metadata=metadata, bbox_inches="tight")
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
@@ -249,10 +254,16 @@ def _summarise(df: pd.DataFrame, x: str, value: str, band: Band) -> pd.DataFrame
 
 
 def _band_line(ax: Axes, stats: pd.DataFrame, x: str, name: str, **line: Any) -> None:
-    """One series: its mean line and, where the rows disagree, a translucent band."""
+    """One series: its mean line and, where the rows disagree, a translucent band.
+
+    A reference baseline (vanilla-truncated) is dashed and drawn beneath, so a method that matches it stays
+    visible on top.
+    """
     color = method_color(name)
     if not np.allclose(stats["low"], stats["high"], equal_nan=True):
         ax.fill_between(stats[x], stats["low"], stats["high"], color=color, alpha=0.2, linewidth=0)
+    if _canonical(name) == "truncated":
+        line = line | {"linestyle": "--", "zorder": 1.8, "marker": None}
     ax.plot(stats[x], stats["mean"], color=color, label=name or None, **line)
 
 
@@ -300,7 +311,14 @@ def _legend(fig: Figure, axes: list[Axes], *, outside: str | None = None) -> Non
     if not entries:
         return
     if outside or len(axes) > 1:
-        fig.legend(entries.values(), entries.keys(), loc=outside or "outside right upper")
+        below = outside is not None and "center" in outside  # a row under (or over) the panels
+        fig.legend(
+            entries.values(),
+            entries.keys(),
+            loc=outside or "outside right upper",
+            ncols=2 if below else 1,
+            fontsize="small" if below else None,
+        )
     else:
         axes[0].legend(entries.values(), entries.keys(), loc="best")
 
@@ -757,7 +775,7 @@ def plot_perplexity_by_position(
     _draw_series(panel_ax, pooled, "position", marker="o", markersize=3.5)
     _mark_train_length(panel_ax, train_length)
     _finish(panel_ax, "position (tokens)", "perplexity", logy=True)
-    _legend(fig, [panel_ax])
+    _legend(fig, [panel_ax], outside="outside lower center")  # an exploding method fills the panel
     return fig
 
 

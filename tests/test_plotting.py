@@ -9,12 +9,12 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.image as mpimg  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 from matplotlib.collections import PolyCollection  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from oodlens import plotting  # noqa: E402
 from oodlens.errors import OodlensError  # noqa: E402
@@ -230,9 +230,13 @@ def assert_saved(fig, tmp_path: Path, name: str = "figure") -> None:
     pdf, png = plotting.save_figure(fig, tmp_path / name)
     assert (pdf.suffix, png.suffix) == (".pdf", ".png")
     assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 1000
-    width, height = fig.get_size_inches()
-    image = mpimg.imread(png)
-    assert image.shape[:2] == (round(height * 300), round(width * 300))
+    with Image.open(png) as image:
+        dpi = image.info["dpi"]
+        size = image.size
+    assert np.allclose(dpi, 300, atol=0.5)
+    # saved with a tight bounding box: about the figure's size at 300 dpi, never clipped to a sliver
+    width, height = fig.get_size_inches() * 300
+    assert 0.6 * width < size[0] < 1.5 * width and 0.6 * height < size[1] < 1.5 * height
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{name}.pdf", f"{name}.png"]  # no temp files left
 
 
