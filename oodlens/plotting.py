@@ -303,24 +303,23 @@ def _mark_train_length(ax: Axes, train_length: int | None, x: float | None = Non
 
 
 def _legend(fig: Figure, axes: list[Axes], *, outside: str | None = None) -> None:
-    """One legend for the figure: inside a single panel, or outside the panels (right, or ``outside``)."""
+    """One legend for the figure, outside the panels so it never hides data: under a single panel, to the
+    right of several (or at ``outside``)."""
     entries: dict[str, Any] = {}
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             entries.setdefault(label, handle)
     if not entries:
         return
-    if outside or len(axes) > 1:
-        below = outside is not None and "center" in outside  # a row under (or over) the panels
-        fig.legend(
-            entries.values(),
-            entries.keys(),
-            loc=outside or "outside right upper",
-            ncols=2 if below else 1,
-            fontsize="small" if below else None,
-        )
-    else:
-        axes[0].legend(entries.values(), entries.keys(), loc="best")
+    loc = outside or ("outside right upper" if len(axes) > 1 else "outside lower center")
+    below = "center" in loc  # a row under (or over) the panels
+    fig.legend(
+        entries.values(),
+        entries.keys(),
+        loc=loc,
+        ncols=2 if below else 1,
+        fontsize="small" if below else None,
+    )
 
 
 def _new_axes(
@@ -775,7 +774,7 @@ def plot_perplexity_by_position(
     _draw_series(panel_ax, pooled, "position", marker="o", markersize=3.5)
     _mark_train_length(panel_ax, train_length)
     _finish(panel_ax, "position (tokens)", "perplexity", logy=True)
-    _legend(fig, [panel_ax], outside="outside lower center")  # an exploding method fills the panel
+    _legend(fig, [panel_ax])
     return fig
 
 
