@@ -14,7 +14,6 @@ vanilla.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import resource
 import subprocess
@@ -32,7 +31,7 @@ import torch  # noqa: E402
 from oodlens import plotting  # noqa: E402
 from oodlens.data import corpus_tokens, load_corpus  # noqa: E402
 from oodlens.evaluate import cycle_tokens  # noqa: E402
-from oodlens.policies import apply_policy, policy_by_name  # noqa: E402
+from oodlens.policies import native_or_policy  # noqa: E402
 
 
 def add_arguments(parser) -> None:
@@ -51,12 +50,7 @@ def one_case(settings: common.Settings, method: str, length: int) -> dict:
     # timing does not depend on the text: past the corpus's ~113k tokens it is repeated end to end
     ids = torch.cat(list(cycle_tokens(stream, length)))[None]
     # the baseline is the model as loaded (its own SDPA attention), not the engine running vanilla
-    routed = (
-        contextlib.nullcontext()
-        if method == "vanilla"
-        else apply_policy(loaded.model, policy_by_name(method), train_length=loaded.info.train_length)
-    )
-    with torch.no_grad(), routed:
+    with torch.no_grad(), native_or_policy(loaded.model, method, loaded.info.train_length):
         start = time.perf_counter()
         loaded.model(ids, use_cache=False, logits_to_keep=1)
         seconds = time.perf_counter() - start

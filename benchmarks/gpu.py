@@ -18,7 +18,7 @@ Cases, each timed after a warm-up on the same shapes (CUDA synchronised, peak me
 from __future__ import annotations
 
 import argparse
-import contextlib
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -28,7 +28,7 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
 import oodlens
-from oodlens.policies import apply_policy, lm_infinite, vanilla
+from oodlens.policies import lm_infinite, native_or_policy, vanilla
 
 SMOLLM2_SHAPE = dict(
     hidden_size=576,
@@ -75,17 +75,11 @@ def timed(run: Callable[[], object]) -> tuple[float, float]:
     return seconds, (torch.cuda.max_memory_allocated() - base) / 2**30
 
 
-def routed(model, method: str, train_length: int):
-    """``vanilla`` is the model as loaded (SDPA, flash on the GPU); ``lm-infinite`` runs through the engine."""
-    if method == "vanilla":
-        return contextlib.nullcontext()
-    return apply_policy(model, lm_infinite(), train_length=train_length)
-
-
 def prefill(model, length: int, method: str, train_length: int) -> dict:
-    """One forward of ``length`` random tokens under ``method``; returns time and extra peak memory."""
+    """One forward of ``length`` random tokens, ``vanilla`` as loaded (flash SDPA on the GPU) or ``method``
+    through the engine; returns time and extra peak memory."""
     ids = torch.randint(0, model.config.vocab_size, (1, length), device="cuda")
-    with torch.no_grad(), routed(model, method, train_length):
+    with torch.no_grad(), native_or_policy(model, method, train_length):
         model(ids[:, : min(length, 2048)], use_cache=False, logits_to_keep=1)  # warm-up
         seconds, peak = timed(lambda: model(ids, use_cache=False, logits_to_keep=1))
     return {"method": method, "length": length, "seconds": seconds, "peak_gib": peak}
@@ -102,7 +96,8 @@ def compare(model, lengths: list[int], train_length: int, label: str) -> list[di
             rows.append(row)
             print(
                 f"{label:10s} {row['method']:12s} {length:7d}: {1000 * row['seconds']:9.1f} ms "
-                f"{row['peak_gib']:7.2f} GiB  time ×{row['time_ratio']:.2f}  memory ×{row['memory_ratio']:.2f}",
+                f"{row['peak_gib']:7.2f} GiB  time ×{row['time_ratio']:.2f}  "
+                f"memory ×{row['memory_ratio']:.2f}",
                 flush=True,
             )
         torch.cuda.empty_cache()
@@ -138,34 +133,38 @@ def capture_cost(length: int) -> list[dict]:
     return rows
 
 
+def greedy_steps(model, token: torch.Tensor, cache, steps: int) -> torch.Tensor:
+    """``steps`` greedy tokens after ``token [1, 1]``, one forward each against ``cache``."""
+    for _ in range(steps):
+        token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    return token
+
+
 def decode(length: int, steps: int = 32) -> list[dict]:
     """Greedy decoding after a ``length``-token prefill: bounded LM-Infinite cache vs the dynamic cache."""
     model = random_model(SMOLLM2_SHAPE)
     ids = torch.randint(0, model.config.vocab_size, (1, length), device="cuda")
     rows = []
     for method in ("vanilla", "lm-infinite"):
-        with torch.no_grad(), routed(model, method, 8192) as handle:
+        with torch.no_grad(), native_or_policy(model, method, 8192) as handle:
             cache = handle.new_cache() if handle is not None else DynamicCache(config=model.config)
-            out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            token = out.logits[:, -1:].argmax(-1)
-
-            def steps_run():
-                nonlocal token
-                for _ in range(steps):
-                    token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
-
-            seconds, _ = timed(steps_run)
-            cache_gib = sum(
+            token = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits.argmax(-1)
+            seconds, _ = timed(functools.partial(greedy_steps, model, token, cache, steps))
+            cache_bytes = sum(
                 t.numel() * t.element_size()
                 for layer in cache.layers
                 for t in (layer.keys, layer.values)
                 if t is not None
-            ) / 2**30
+            )
         rows.append(
-            {"method": method, "context": length, "ms_per_token": 1000 * seconds / steps, "cache_gib": cache_gib}
+            {
+                "method": method,
+                "context": length,
+                "ms_per_token": 1000 * seconds / steps,
+                "cache_gib": cache_bytes / 2**30,
+            }
         )
         print(f"decode {method:12s} after {length}: {rows[-1]}", flush=True)
-        del cache
         torch.cuda.empty_cache()
     return rows
 
@@ -231,7 +230,9 @@ def main() -> None:
     if "llama-2-7b" in cases:
         record(
             "llama-2-7b",
-            lambda: compare(random_model(LLAMA2_7B_SHAPE), override or [8192, 16384, 32768], 4096, "llama-2-7b"),
+            lambda: compare(
+                random_model(LLAMA2_7B_SHAPE), override or [8192, 16384, 32768], 4096, "llama-2-7b"
+            ),
         )
     if "capture" in cases:
         record("capture", lambda: capture_cost(16384))

@@ -19,6 +19,7 @@ manager, whose ``remove()`` restores the model's previous attention implementati
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass, replace
 
@@ -251,6 +252,16 @@ def apply_policy(
     """
     resolved = policy.resolve(train_length if train_length is not None else _train_length(model))
     return PolicyHandle(model, resolved, observer, block_size)
+
+
+def native_or_policy(
+    model: nn.Module, method: str, train_length: int | None = None
+) -> contextlib.AbstractContextManager[PolicyHandle | None]:
+    """For speed baselines: ``"vanilla"`` leaves the model's own attention (e.g. SDPA) untouched and yields
+    ``None``; any other method name routes through the engine under that policy and yields its handle."""
+    if method == "vanilla":
+        return contextlib.nullcontext()
+    return apply_policy(model, policy_by_name(method), train_length=train_length)
 
 
 def apply_lm_infinite(

@@ -230,3 +230,13 @@ def test_broken_fused_kernel_falls_back_to_reference(monkeypatch):
         with pytest.warns(UserWarning, match="reference kernel"):
             got = model(ids).logits
     assert (got - expected).abs().max().item() < TOL
+
+
+def test_native_or_policy_keeps_vanilla_native_and_routes_the_rest():
+    model = tiny_model("llama").model.to(DEVICE)
+    native = model.config._attn_implementation
+    with oodlens.policies.native_or_policy(model, "vanilla", train_length=32) as handle:
+        assert handle is None and model.config._attn_implementation == native
+    with oodlens.policies.native_or_policy(model, "lm-infinite", train_length=32) as handle:
+        assert handle.policy.name == "lm-infinite" and model.config._attn_implementation == "oodlens"
+    assert model.config._attn_implementation == native
