@@ -2,12 +2,15 @@
 speed benchmark of LM-Infinite).
 
 "vanilla" is the model as loaded (transformers' SDPA attention); every other method runs through the engine.
-Every (method, length) case runs in its own subprocess so peak RSS is measured per case, side by side in one
-run. Prints seconds, average time per token (total / n), marginal time per token (cost of the tokens added
-since the previous length — flat for an O(n) method, growing for vanilla) and the ratios LM-Infinite /
-vanilla.
+Every (method, length) case runs in its own subprocess, side by side in one run; peak memory is the
+process's peak resident set during the forward (the peak is reset after the model is loaded, so loading does
+not count). With ``--repeats N`` every case runs N times, interleaved, and the table keeps each case's
+fastest run and its lowest peak (disturbances only ever add time). Prints seconds, average time per token
+(total / n), marginal time per token (cost of the tokens added since the previous length — flat for an
+O(n) method, growing for vanilla) and the ratios LM-Infinite / vanilla.
 
     python analyses/efficiency.py                                        # 8k, 16k, 32k
+    python analyses/efficiency.py --repeats 2                            # the benchmark in docs/results.md
     python analyses/efficiency.py --lengths 131072 --methods lm-infinite  # the 128k run
 """
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import resource
 import subprocess
 import sys
@@ -38,7 +42,30 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lengths", default=None, help="comma-separated (default: L, 2L, 4L)")
     parser.add_argument("--methods", default="vanilla,lm-infinite")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per case")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per case (the fastest is kept)")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print JSON
+
+
+def reset_peak_memory() -> bool:
+    """Reset this process's peak resident set to its current size (Linux); False where that is unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_memory_gib() -> float:
+    """Peak resident set of this process in GiB (since the last :func:`reset_peak_memory` on Linux)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        status = ""
+    found = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
+    if found:
+        return int(found.group(1)) / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux, bytes on macOS
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)
 
 
 def one_case(settings: common.Settings, method: str, length: int) -> dict:
@@ -51,36 +78,45 @@ def one_case(settings: common.Settings, method: str, length: int) -> dict:
     ids = torch.cat(list(cycle_tokens(stream, length)))[None]
     # the baseline is the model as loaded (its own SDPA attention), not the engine running vanilla
     with torch.no_grad(), native_or_policy(loaded.model, method, loaded.info.train_length):
+        reset_peak_memory()
         start = time.perf_counter()
         loaded.model(ids, use_cache=False, logits_to_keep=1)
         seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return {"method": method, "length": length, "seconds": seconds, "peak_gib": peak}
+    return {"method": method, "length": length, "seconds": seconds, "peak_gib": peak_memory_gib()}
 
 
 def measure(
     settings: common.Settings, methods: list[str], lengths: list[int], argv: list[str]
 ) -> pd.DataFrame:
+    """One row per run: ``{method, length, repeat, seconds, peak_gib}``."""
     rows = []
-    for length in lengths:
-        for method in methods:
-            command = [sys.executable, __file__, *argv, "--case", f"{method}:{length}"]
-            lines = (
-                subprocess.run(command, check=True, capture_output=True, text=True)
-                .stdout.strip()
-                .splitlines()
-            )
-            rows.append(json.loads(lines[-1]))
-            print(
-                f"  {method:12s} {length:7d}: {rows[-1]['seconds']:8.1f} s  {rows[-1]['peak_gib']:.2f} GiB",
-                flush=True,
-            )
+    for repeat in range(settings.extra.repeats):
+        for length in lengths:
+            for method in methods:
+                command = [sys.executable, __file__, *argv, "--case", f"{method}:{length}"]
+                lines = (
+                    subprocess.run(command, check=True, capture_output=True, text=True)
+                    .stdout.strip()
+                    .splitlines()
+                )
+                rows.append(json.loads(lines[-1]) | {"repeat": repeat})
+                print(
+                    f"  run {repeat + 1}  {method:12s} {length:7d}: {rows[-1]['seconds']:8.1f} s  "
+                    f"{rows[-1]['peak_gib']:.2f} GiB",
+                    flush=True,
+                )
     return pd.DataFrame(rows)
 
 
 def table(frame: pd.DataFrame) -> pd.DataFrame:
-    """Add average and marginal time per token, and the LM-Infinite / vanilla ratios."""
-    frame = frame.sort_values(["method", "length"]).copy()
+    """Best run per case, average and marginal time per token, and the LM-Infinite / vanilla ratios."""
+    if "repeat" not in frame:  # results cached before repeats existed
+        frame = frame.assign(repeat=0)
+    frame = (
+        frame.groupby(["method", "length"])
+        .agg(seconds=("seconds", "min"), peak_gib=("peak_gib", "min"), runs=("repeat", "nunique"))
+        .reset_index()
+    )
     frame["ms_per_token"] = 1000 * frame.seconds / frame.length
     grouped = frame.groupby("method")
     frame["marginal_ms_per_token"] = 1000 * grouped.seconds.diff() / grouped.length.diff()
@@ -112,9 +148,19 @@ def figure(frame: pd.DataFrame, train_length: int):
     return fig
 
 
+def _more_repeats(stored: dict, asked: dict) -> bool:
+    """Timings with at least the asked number of runs per case answer the question too."""
+    rest = {key: value for key, value in stored.items() if key != "repeats"}
+    return rest == {key: value for key, value in asked.items() if key != "repeats"} and stored.get(
+        "repeats", 1
+    ) >= asked["repeats"]
+
+
 def run(argv: list[str] | None = None) -> pd.DataFrame:
     argv = sys.argv[1:] if argv is None else argv
-    settings = common.parse("efficiency", __doc__.splitlines()[0], add_arguments, argv)
+    settings = common.parse("efficiency", __doc__.splitlines()[0], add_arguments, argv, reuse_memory=False)
+    if settings.extra.repeats < 1:
+        raise SystemExit(f"--repeats must be at least 1, got {settings.extra.repeats}")
     if settings.extra.case:
         method, length = settings.extra.case.split(":")
         print(json.dumps(one_case(settings, method, int(length))))
@@ -130,8 +176,9 @@ def run(argv: list[str] | None = None) -> pd.DataFrame:
     frame = common.cached(
         settings,
         f"timings-{'-'.join(methods)}-{'-'.join(map(str, lengths))}",
-        {"lengths": lengths, "methods": methods},
+        {"lengths": lengths, "methods": methods, "repeats": settings.extra.repeats},
         lambda: measure(settings, methods, lengths, clean_argv),
+        serves=_more_repeats,
     )
     result = table(frame)
     common.print_table("one forward pass", result)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import subprocess
 import sys
 from pathlib import Path
 
@@ -44,3 +45,80 @@ def test_quick_run_writes_figures(name, tmp_path, monkeypatch):
     assert any((tmp_path / "cache" / name).iterdir())
     # a second run reads the cache instead of recomputing
     module.run(argv)
+
+
+def test_efficiency_keeps_the_best_run_per_case():
+    import pandas as pd
+    from efficiency import table
+
+    runs = pd.DataFrame(
+        {
+            "method": ["vanilla", "vanilla", "lm-infinite", "lm-infinite"] * 2,
+            "length": [100, 100, 100, 100, 200, 200, 200, 200],
+            "repeat": [0, 1, 0, 1, 0, 1, 0, 1],
+            "seconds": [1.0, 0.8, 0.9, 1.1, 4.0, 3.0, 2.0, 2.5],
+            "peak_gib": [1.0, 1.2, 0.9, 0.8, 2.0, 2.1, 1.5, 1.4],
+        }
+    )
+    result = table(runs).set_index(["method", "length"])
+    assert result.loc[("vanilla", 200), "seconds"] == 3.0
+    assert result.loc[("lm-infinite", 100), "peak_gib"] == 0.8
+    assert (result.runs == 2).all()
+    # marginal ms per token of lm-infinite between 100 and 200 tokens: (2.0 - 0.9) s / 100 tokens
+    assert result.loc[("lm-infinite", 200), "marginal_ms_per_token"] == pytest.approx(11.0)
+    assert result.loc[("lm-infinite", 200), "time_ratio"] == pytest.approx(2.0 / 3.0)
+
+
+def test_efficiency_cache_serves_fewer_repeats_only():
+    from efficiency import _more_repeats
+
+    stored = {"model": "m", "lengths": [8, 16], "repeats": 2}
+    assert _more_repeats(stored, {"model": "m", "lengths": [8, 16], "repeats": 1})
+    assert not _more_repeats(stored, {"model": "m", "lengths": [8, 16], "repeats": 3})
+    assert not _more_repeats(stored, {"model": "m", "lengths": [8, 32], "repeats": 1})
+    # results stored before repeats existed count as one run
+    assert _more_repeats({"model": "m"}, {"model": "m", "repeats": 1})
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+def test_efficiency_peak_memory_counts_from_the_reset():
+    # a fresh process: the allocator settings of earlier in-process runs must not hide the new block
+    check = """
+import numpy as np
+from efficiency import peak_memory_gib, reset_peak_memory
+block = np.ones(300 * 2**20 // 8)
+del block
+assert reset_peak_memory()
+before = peak_memory_gib()
+block = np.ones(100 * 2**20 // 8)
+grown = peak_memory_gib() - before
+assert 0.08 < grown < 0.2, grown
+"""
+    subprocess.run([sys.executable, "-c", check], check=True, cwd=ANALYSES)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+@pytest.mark.parametrize("reuse", [True, False])
+def test_reuse_freed_memory_keeps_large_blocks_in_the_heap(reuse):
+    # a fresh process: in-process runs above have already changed this one's allocator
+    check = f"""
+import ctypes
+import torch
+import common
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost"
+    )]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+if {reuse}:
+    assert common.reuse_freed_memory()
+block = torch.ones(64 * 2**20 // 4)
+print(libc.mallinfo2().hblkhd)  # bytes in blocks mapped (and later unmapped) one by one
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", check], check=True, cwd=ANALYSES, capture_output=True, text=True
+    )
+    mapped = int(done.stdout.split()[-1])
+    # glibc maps every block over 32 MiB by itself (fresh pages each time) unless told to reuse the heap
+    assert mapped < 2**26 if reuse else mapped >= 2**26
