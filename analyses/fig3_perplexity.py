@@ -6,7 +6,7 @@ the pretraining length) to ``--length`` (default 4 × train length), vanilla to 
 2 × train length; it has exploded well before). Prints perplexity over [L, 2L) and [2L, 4L) and the ratio
 LM-Infinite / baseline (goal ≤ 1.10), and vanilla's ratio past 1.5 L (goal > 10).
 
-    python analyses/fig3_perplexity.py               # 3 windows from different offsets of the corpus
+    python analyses/fig3_perplexity.py               # 2 windows from different offsets of the corpus
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def _as_frame(result: PerplexityResult) -> pd.DataFrame:
 
 
 def run(argv: list[str] | None = None) -> pd.DataFrame:
-    settings = common.parse("fig3_perplexity", __doc__.splitlines()[0], add_arguments, argv, windows=3)
+    settings = common.parse("fig3_perplexity", __doc__.splitlines()[0], add_arguments, argv, windows=2)
     loaded = common.model(settings)
     train = loaded.info.train_length
     length = settings.extra.length or 4 * train

@@ -1,7 +1,7 @@
 """Regenerate every figure and table of the paper on the embedded model.
 
 Results come from the cache in figures/cache/ when present; with --recompute everything is computed again
-(about 1.5 h on 2 CPU cores).
+(about 1 h 10 min on 2 CPU cores).
 
     python analyses/run_all.py            # SmolLM2 → figures/
     python analyses/run_all.py --quick    # tiny random model → figures/quick/ (seconds)
