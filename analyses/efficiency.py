@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import resource
 import subprocess
 import sys
 import time
@@ -35,6 +33,7 @@ import torch  # noqa: E402
 from oodlens import plotting  # noqa: E402
 from oodlens.data import corpus_tokens, load_corpus  # noqa: E402
 from oodlens.evaluate import cycle_tokens  # noqa: E402
+from oodlens.memory import reset_peak_memory, resident_gib  # noqa: E402
 from oodlens.policies import native_or_policy  # noqa: E402
 
 
@@ -44,28 +43,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads per case")
     parser.add_argument("--repeats", type=int, default=1, help="runs per case (the fastest is kept)")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print JSON
-
-
-def reset_peak_memory() -> bool:
-    """Reset this process's peak resident set to its current size (Linux); False where that is unsupported."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
-def peak_memory_gib() -> float:
-    """Peak resident set of this process in GiB (since the last :func:`reset_peak_memory` on Linux)."""
-    try:
-        status = Path("/proc/self/status").read_text()
-    except OSError:
-        status = ""
-    found = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
-    if found:
-        return int(found.group(1)) / 2**20
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux, bytes on macOS
-    return peak / (2**30 if sys.platform == "darwin" else 2**20)
 
 
 def one_case(settings: common.Settings, method: str, length: int) -> dict:
@@ -82,7 +59,7 @@ def one_case(settings: common.Settings, method: str, length: int) -> dict:
         start = time.perf_counter()
         loaded.model(ids, use_cache=False, logits_to_keep=1)
         seconds = time.perf_counter() - start
-    return {"method": method, "length": length, "seconds": seconds, "peak_gib": peak_memory_gib()}
+    return {"method": method, "length": length, "seconds": seconds, "peak_gib": resident_gib()[1]}
 
 
 def measure(

@@ -13,24 +13,14 @@ compares vanilla and LM-Infinite at 32k this way).
 from __future__ import annotations
 
 import argparse
-import re
-from pathlib import Path
 
 import torch
 
 from oodlens.data import corpus_tokens, load_corpus
 from oodlens.evaluate import cycle_tokens
+from oodlens.memory import reset_peak_memory, resident_gib
 from oodlens.models import load_model
 from oodlens.policies import POLICIES, attention_modules, native_or_policy
-
-
-def resident_gib() -> tuple[float, float]:
-    """(current, peak) resident set of this process in GiB."""
-    status = Path("/proc/self/status").read_text()
-    current, peak = (
-        int(re.search(rf"^{key}:\s+(\d+) kB", status, re.M).group(1)) / 2**20 for key in ("VmRSS", "VmHWM")
-    )
-    return current, peak
 
 
 def _recorder(rows: list, point: str):
@@ -53,7 +43,7 @@ def trace(model_name: str, method: str, length: int) -> list[tuple[str, float, f
         handles.append(mlp.register_forward_hook(_recorder(rows, f"layer {index} mlp")))
     try:
         with torch.no_grad(), native_or_policy(loaded.model, method, loaded.info.train_length):
-            Path("/proc/self/clear_refs").write_text("5")
+            reset_peak_memory()
             rows.append(("start", *resident_gib()))
             loaded.model(ids[None], use_cache=False, logits_to_keep=1)
     finally:

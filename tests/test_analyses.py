@@ -85,13 +85,13 @@ def test_efficiency_peak_memory_counts_from_the_reset():
     # a fresh process: the allocator settings of earlier in-process runs must not hide the new block
     check = """
 import numpy as np
-from efficiency import peak_memory_gib, reset_peak_memory
+from oodlens.memory import reset_peak_memory, resident_gib
 block = np.ones(300 * 2**20 // 8)
 del block
 assert reset_peak_memory()
-before = peak_memory_gib()
+before = resident_gib()[1]
 block = np.ones(100 * 2**20 // 8)
-grown = peak_memory_gib() - before
+grown = resident_gib()[1] - before
 assert 0.08 < grown < 0.2, grown
 """
     subprocess.run([sys.executable, "-c", check], check=True, cwd=ANALYSES)
@@ -107,7 +107,8 @@ import torch
 import common
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost"
+        "arena", "ordblks", "smblks", "hblks", "hblkhd",
+        "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost",
     )]
 libc = ctypes.CDLL(None)
 libc.mallinfo2.restype = MallInfo2
