@@ -1,6 +1,6 @@
 """What capturing the three OOD factors costs, against a plain SDPA forward of the same window.
 
-Each case runs in its own subprocess so that peak memory (``getrusage`` max RSS) of one does not leak into
+Each case runs in its own subprocess so that peak memory (the process's peak RSS) of one does not leak into
 the other. Both load SmolLM2-135M and one window of the python-docs corpus; "plain" runs the model's own
 SDPA attention with ``logits_to_keep=1``; "capture" runs :func:`oodlens.capture.diagnose` with the default
 configuration (all layers: logits by distance for ~256 sampled queries, entropy and sink mass for every
@@ -16,19 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import subprocess
 import sys
 import time
 
 CASES = ("plain", "capture")
 BYTES_PER_FLOAT32 = 4
-
-
-def _current_rss_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def run_case(case: str, length: int, save: str | None = None) -> dict[str, float]:
@@ -40,11 +33,12 @@ def run_case(case: str, length: int, save: str | None = None) -> dict[str, float
 
     from oodlens.capture import diagnose
     from oodlens.data import load_corpus, token_windows
+    from oodlens.memory import resident_gib
     from oodlens.models import load_model
 
     loaded = load_model("smollm2", device="cpu")
     ids = token_windows(load_corpus("python-docs"), loaded.tokenizer, length, n_windows=1)
-    rss_loaded = _current_rss_bytes()
+    rss_loaded = resident_gib()[0] * 2**30
     start = time.perf_counter()
     if case == "plain":
         with torch.no_grad():
@@ -52,7 +46,7 @@ def run_case(case: str, length: int, save: str | None = None) -> dict[str, float
     else:
         diagnosis = diagnose(loaded.model, ids, name="smollm2")
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    peak = resident_gib()[1] * 2**30  # the process's lifetime peak: no reset, loading included
     if case == "capture" and save:
         diagnosis.save(save)
     info = loaded.info
