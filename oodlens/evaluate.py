@@ -163,16 +163,21 @@ def _nll(model: PreTrainedModel, hidden: torch.Tensor, targets: torch.Tensor, ch
 
 
 @torch.no_grad()
-def sequence_nll(model: PreTrainedModel, ids: torch.LongTensor, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
-    """Per-position NLL ``[T]`` (float32, CPU) of one sequence ``ids [T]`` in one forward; NaN at position 0.
+def sequence_nll(
+    model: PreTrainedModel, ids: torch.LongTensor, chunk: int = DEFAULT_CHUNK, score_from: int = 1
+) -> torch.Tensor:
+    """Per-position NLL ``[T]`` (float32, CPU) of one sequence ``ids [T]`` in one forward.
 
-    The model runs as it is (apply a policy around the call to change its attention).
+    Positions before ``score_from`` (at least position 0, which has no prediction) are NaN; the vocabulary
+    projection runs only for the scored ones. The model runs as it is (apply a policy around the call to
+    change its attention).
     """
+    score_from = max(score_from, 1)
     device = model.get_output_embeddings().weight.device
     ids = ids.to(device)
     hidden = _forward_hidden(model, ids[None], use_cache=False)[0]
     nll = torch.full((ids.shape[0],), math.nan)
-    nll[1:] = _nll(model, hidden[:-1], ids[1:], chunk).cpu()
+    nll[score_from:] = _nll(model, hidden[score_from - 1 : -1], ids[score_from:], chunk).cpu()
     return nll
 
 
@@ -193,7 +198,9 @@ def truncated_sequence_nll(
     start, scored_until = 0, 1
     while scored_until < length:
         stop = min(start + train_length, length)
-        nll[scored_until:stop] = sequence_nll(model, ids[start:stop], chunk)[scored_until - start :]
+        nll[scored_until:stop] = sequence_nll(model, ids[start:stop], chunk, scored_until - start)[
+            scored_until - start :
+        ]
         scored_until = stop
         start += stride
     return nll

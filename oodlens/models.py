@@ -7,18 +7,24 @@ and a `ModelInfo`. `model_info` describes any already-loaded transformers causal
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.metadata
+import json
 import os
 import re
+import shutil
 import sys
+import tempfile
 import threading
 import urllib.request
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
@@ -248,7 +254,78 @@ def _load_model_and_tokenizer(
 
 
 def _load_gguf(path: Path, device: torch.device, dtype: torch.dtype) -> tuple[PreTrainedModel, Any]:
-    """Load a GGUF checkpoint; transformers dequantises its tensors to `dtype` on load."""
+    """Load a GGUF checkpoint through its converted copy in the cache (see `gguf_cache_folder`).
+
+    Reading a GGUF file means parsing its metadata and dequantising every tensor (about 25 s for SmolLM2);
+    the first load saves the float32 result as an ordinary transformers folder, later loads read that
+    folder (under a second). Where the cache cannot be written the model is loaded from the GGUF each time.
+    """
+    folder = gguf_cache_folder(path)
+    if not (folder / GGUF_CACHE_COMPLETE).is_file():
+        model, tokenizer = _read_gguf(path, torch.device("cpu"), torch.float32)
+        if not _write_gguf_cache(model, tokenizer, path, folder):
+            return model.to(device=device, dtype=dtype), tokenizer
+    model, tokenizer = _load_folder(folder, device, dtype)
+    return model, tokenizer
+
+
+def gguf_cache_folder(path: Path) -> Path:
+    """Where the converted copy of GGUF file ``path`` lives.
+
+    Under ``$OODLENS_CACHE`` (default ``$XDG_CACHE_HOME/oodlens`` or ``~/.cache/oodlens``); the name holds
+    the file's size and modification time and the transformers version, so a changed file or a new
+    conversion gets a new copy.
+    """
+    base = os.environ.get("OODLENS_CACHE") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    ) / "oodlens"
+    stat = path.resolve().stat()
+    key = f"{stat.st_size}-{stat.st_mtime_ns}-transformers{transformers.__version__}"
+    return Path(base).expanduser() / "gguf" / f"{path.stem}-{key}"
+
+
+GGUF_CACHE_COMPLETE = "oodlens-complete.json"
+
+
+def _write_gguf_cache(model: PreTrainedModel, tokenizer: Any, source: Path, folder: Path) -> bool:
+    """Save the dequantised model as a transformers folder; False (with a warning) where that fails.
+
+    Written into a temporary folder that is renamed into place, so a crash never leaves a half-written
+    copy behind and two processes converting at once both end with a whole one.
+    """
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):  # a GGUF-quantised model refuses save_pretrained
+        del config.quantization_config  # the copy is plain float32
+    config.gguf_file = str(source.resolve())  # keeps "gguf" as the source of the pretraining length
+    partial = None
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".partial-"))
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(model.state_dict())
+        plain.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        (partial / GGUF_CACHE_COMPLETE).write_text(json.dumps({"source": config.gguf_file}))
+        try:
+            os.rename(partial, folder)
+        except OSError:
+            if not (folder / GGUF_CACHE_COMPLETE).is_file():  # not a rival process's finished copy
+                raise
+    except OSError as error:
+        warnings.warn(
+            f"oodlens: cannot cache the converted GGUF model in {str(folder)!r} ({error}); every load will "
+            "dequantise it again (set OODLENS_CACHE to a writable folder)",
+            stacklevel=3,
+        )
+        return False
+    finally:
+        if partial is not None:
+            shutil.rmtree(partial, ignore_errors=True)
+    return True
+
+
+def _read_gguf(path: Path, device: torch.device, dtype: torch.dtype) -> tuple[PreTrainedModel, Any]:
+    """Load a GGUF checkpoint itself; transformers dequantises its tensors to `dtype` on load."""
     folder, file = str(path.parent), path.name
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
@@ -373,7 +450,7 @@ def _pretraining_length(config: Any) -> tuple[int, str]:
     quantization = getattr(config, "quantization_config", None) or {}
     if not isinstance(quantization, dict):
         quantization = vars(quantization)
-    from_gguf = quantization.get("quant_method") == "gguf"
+    from_gguf = quantization.get("quant_method") == "gguf" or getattr(config, "gguf_file", None)
     return int(length), "gguf" if from_gguf else "config.max_position_embeddings"
 
 

@@ -110,6 +110,15 @@ def test_truncated_baseline_scores_each_token_with_the_most_context_it_can_have(
     torch.testing.assert_close(truncated[48:56], later_piece[8:])
 
 
+def test_scoring_from_a_position_leaves_the_scored_nll_unchanged(llama):
+    ids = _ids((40,))
+    with torch.no_grad():
+        every = evaluate.sequence_nll(llama.model, ids)
+        tail = evaluate.sequence_nll(llama.model, ids, score_from=25)
+    assert tail[:25].isnan().all() and not tail[25:].isnan().any()
+    torch.testing.assert_close(tail[25:], every[25:], rtol=0, atol=1e-6)
+
+
 def test_duplicate_method_names_are_rejected(llama):
     with pytest.raises(OodlensError, match="own name"):
         evaluate.perplexity_by_position(

