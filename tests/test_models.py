@@ -12,8 +12,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, BloomConfig, OPTConfig
 
-from oodlens.errors import OodlensError
 from oodlens import models
+from oodlens.errors import OodlensError
 from oodlens.models import (
     GGUF_CACHE_COMPLETE,
     SMOLLM2_INSTALL,
