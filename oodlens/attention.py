@@ -35,6 +35,7 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from . import kernel
 from .errors import OodlensError
 from .rope import RotarySpec
 
@@ -248,11 +249,14 @@ def _segment_fused(seg: Segment, scale: float, want_mean: bool) -> Partial:
     """Fused kernel (CPU flash / CUDA memory-efficient attention) that also returns the log-sum-exp.
 
     With ``want_mean`` the keys ride along as extra value channels, giving ``Σ_j p_j k_j`` in the same pass
-    (on CPU queries and keys are zero-padded to the same width, as that kernel needs equal head sizes).
+    (on CPU queries and keys are zero-padded to the same width, as that kernel needs equal head sizes) —
+    except for float32 on a CPU where :mod:`oodlens.kernel` builds, which computes it directly.
     """
     q, k, v = seg.queries, seg.keys, seg.values
     d = q.shape[-1]
     on_cuda = q.device.type == "cuda"
+    if want_mean and not on_cuda and q.dtype == torch.float32 and kernel.compiled() is not None:
+        return Partial(*kernel.entropy_attention(q, k, v, seg.mask, scale))  # one pass, no padding
     if want_mean:
         v = torch.cat((v, k), dim=-1)
         if not on_cuda:  # CUDA's kernel takes wider values; the CPU one needs equal head sizes
