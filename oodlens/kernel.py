@@ -82,14 +82,16 @@ def entropy_attention(
     ``query [B, Hq, R, D]``, ``key``/``value [B, Hkv, S, D]`` float32 on the CPU; ``mask`` is ``None``,
     ``"causal"`` (square) or a bool ``[R, S]`` (True = attend). Call only when :func:`compiled` is not None.
     """
-    tensors = [_rows_contiguous(t) for t in (query, key, value)]
+    tensors = [_rows_readable(t) for t in (query, key, value)]
     boolean = mask if isinstance(mask, torch.Tensor) else None
     out, lse, mean = compiled().entropy_attention(*tensors, boolean, mask == "causal", float(scale))
     return out, lse, mean
 
 
-def _rows_contiguous(tensor: torch.Tensor) -> torch.Tensor:
-    """The kernel reads rows of ``D`` contiguous floats; slices along the sequence already are."""
-    if tensor.stride(-1) == 1 and tensor.stride(-2) == tensor.shape[-1]:
+def _rows_readable(tensor: torch.Tensor) -> torch.Tensor:
+    """The kernel reads rows of ``D`` contiguous floats at any head and batch strides and any row stride of
+    at least ``D`` (transformers' transposed projections are read in place; a single row may have any)."""
+    rows, dim = tensor.shape[-2:]
+    if tensor.stride(-1) == 1 and (rows == 1 or tensor.stride(-2) >= dim):
         return tensor
     return tensor.contiguous()

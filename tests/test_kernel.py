@@ -94,10 +94,26 @@ def test_kernel_reads_sliced_keys_and_agrees_across_thread_counts() -> None:
 
 
 @needs_kernel
+@pytest.mark.parametrize("rows", [1, 70])
+def test_kernel_reads_transposed_projections_in_place(rows: int) -> None:
+    """Queries and keys as transformers makes them ([B, T, H, D] viewed as [B, H, T, D]), one row included."""
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(1, rows, 6, 32, generator=gen).transpose(1, 2)
+    k, v = (torch.randn(1, rows, 2, 32, generator=gen).transpose(1, 2) for _ in range(2))
+    assert q.stride(-2) == 6 * 32
+    out, lse, mean = kernel.entropy_attention(q, k, v, "causal", 0.2)
+    ref_out, ref_lse, ref_mean = dense_reference(q, k, v, "causal", 0.2)
+    torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
 def test_capture_with_and_without_the_kernel_agree(monkeypatch) -> None:
     llama = tiny_model("llama")
-    ids = torch.randint(0, 200, (1, 150), generator=torch.Generator().manual_seed(3))
-    config = CaptureConfig(hidden_layers=[], query_stride=7)
+    # 129 tokens in blocks of 64: the last block holds one query
+    ids = torch.randint(0, 200, (1, 129), generator=torch.Generator().manual_seed(3))
+    config = CaptureConfig(hidden_layers=[], query_stride=7, block_size=64)
     calls = []
     run_kernel = kernel.entropy_attention
     monkeypatch.setattr(kernel, "entropy_attention", lambda *args: calls.append(1) or run_kernel(*args))

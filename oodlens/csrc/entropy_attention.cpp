@@ -5,9 +5,10 @@
 // attending with the keys appended to the values, which on the CPU (equal head sizes only) doubles the work.
 // Here the softmax of each block of logits is done by hand, so E_p[logit] costs one multiply-add per logit.
 //
-// Layout: q [B, Hq, R, D], k and v [B, Hkv, S, D] (GQA: query head h reads key head h / (Hq / Hkv)), rows
-// of D contiguous floats; mask: none, causal (R == S, query i sees keys j <= i) or a bool [R, S] (true =
-// attend). Outputs (float32): out [B, Hq, R, D], lse [B, Hq, R], mean_logit [B, Hq, R]. Rows that see no
+// Layout: q [B, Hq, R, D], k and v [B, Hkv, S, D] (GQA: query head h reads key head h / (Hq / Hkv)), any
+// strides as long as each row's D floats are contiguous (transformers' [B, T, H, D] -> [B, H, T, D]
+// transposes are read in place); mask: none, causal (R == S, query i sees keys j <= i) or a bool [R, S]
+// (true = attend). Outputs (float32): out [B, Hq, R, D], lse [B, Hq, R], mean_logit [B, Hq, R]. Rows that see no
 // key get out 0, lse -inf, mean_logit 0.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -43,6 +44,9 @@ void gemm_nn(int m, int n, int k, const float* a, int lda, const float* b, int l
   const float one = 1.0f;
   sgemm_("N", "N", &n, &m, &k, &one, b, &ldb, a, &lda, &beta, c, &ldc);
 }
+
+// BLAS leading dimension for rows `stride` floats apart (at least the row length, even for a single row).
+inline int ld(int64_t stride, int dim) { return static_cast<int>(std::max<int64_t>(stride, dim)); }
 
 // exp(x) for 8 floats (Cephes polynomial, ~2 ulp); inputs below -88.4 give 0.
 inline __m256 exp8(__m256 x) {
@@ -124,8 +128,10 @@ std::vector<torch::Tensor> entropy_attention(torch::Tensor q, torch::Tensor k, t
                   v.size(3) == dim,
               "entropy_attention: shapes do not match");
   for (const auto* t : {&q, &k, &v}) {
-    TORCH_CHECK(t->stride(3) == 1 && t->stride(2) == dim, "entropy_attention: rows must be contiguous");
+    TORCH_CHECK(t->stride(3) == 1 || dim == 1, "entropy_attention: the last dimension must be contiguous");
   }
+  // A dimension of size 1 may carry any stride; only its first row is ever read.
+  const int64_t q_row = q.stride(2), k_row = k.stride(2), v_row = v.stride(2);
   TORCH_CHECK(!causal || rows == keys, "entropy_attention: causal needs as many keys as queries");
   const uint8_t* mask_data = nullptr;
   torch::Tensor mask_bytes;
@@ -158,11 +164,15 @@ std::vector<torch::Tensor> entropy_attention(torch::Tensor q, torch::Tensor k, t
       const int64_t b = item / (heads * row_blocks), h = (item / row_blocks) % heads;
       const int64_t r0 = (item % row_blocks) * kBlockRows, r1 = std::min(rows, r0 + kBlockRows);
       const int nr = static_cast<int>(r1 - r0);
-      const float* q_rows = q_data + b * q.stride(0) + h * q.stride(1) + r0 * dim;
+      const float* q_rows = q_data + b * q.stride(0) + h * q.stride(1) + r0 * q_row;
       const int64_t kvh = h / group;
       const float* k_head = k_data + b * k.stride(0) + kvh * k.stride(1);
       const float* v_head = v_data + b * v.stride(0) + kvh * v.stride(1);
-      for (int64_t i = 0; i < nr * dim; ++i) q_block[i] = q_rows[i] * static_cast<float>(scale);
+      for (int i = 0; i < nr; ++i) {
+        for (int64_t c = 0; c < dim; ++c) {
+          q_block[i * dim + c] = q_rows[i * q_row + c] * static_cast<float>(scale);
+        }
+      }
       std::fill(acc.begin(), acc.begin() + nr * dim, 0.0f);
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), 0.0);
@@ -170,7 +180,8 @@ std::vector<torch::Tensor> entropy_attention(torch::Tensor q, torch::Tensor k, t
       const int64_t key_end = causal ? r1 : keys;
       for (int64_t k0 = 0; k0 < key_end; k0 += kBlockKeys) {
         const int nk = static_cast<int>(std::min<int64_t>(kBlockKeys, key_end - k0));
-        gemm_nt(nr, nk, d, q_block.data(), d, k_head + k0 * dim, d, 0.0f, logits.data(), kBlockKeys);
+        gemm_nt(nr, nk, d, q_block.data(), d, k_head + k0 * k_row, ld(k_row, d), 0.0f, logits.data(),
+                kBlockKeys);
         for (int i = 0; i < nr; ++i) {
           float* s = logits.data() + i * kBlockKeys;
           const int64_t row = r0 + i;
@@ -190,7 +201,8 @@ std::vector<torch::Tensor> entropy_attention(torch::Tensor q, torch::Tensor k, t
             for (int64_t c = 0; c < dim; ++c) a[c] *= alpha;
           }
         }
-        gemm_nn(nr, d, nk, logits.data(), kBlockKeys, v_head + k0 * dim, d, 1.0f, acc.data(), d);
+        gemm_nn(nr, d, nk, logits.data(), kBlockKeys, v_head + k0 * v_row, ld(v_row, d), 1.0f, acc.data(),
+                d);
       }
       for (int i = 0; i < nr; ++i) {
         const int64_t index = (b * heads + h) * rows + r0 + i;
