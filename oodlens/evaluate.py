@@ -455,12 +455,17 @@ def passkey_retrieval(
         cell: passkey_prompt(tokenizer, cell[0], cell[1], seed=_passkey_seed(seed, *cell)) for cell in cells
     }
     result = PasskeyResult()
+    # The truncated baseline of a prompt that fits in train_length is vanilla on the same ids: run it once.
+    answers: dict[tuple[Policy, tuple[int, ...]], torch.LongTensor] = {}
     with _inference(model), _progress(len(methods) * len(cells), progress, "prompt", "passkey") as bar:
         for method in methods:
             with apply_policy(model, method.policy, train_length=train_length) as handle:
                 for (length, depth, sample), prompt in prompts.items():
                     ids = prompt.input_ids[-train_length:] if method.truncated else prompt.input_ids
-                    new_ids = _greedy(model, handle, ids, max_new_tokens, _pad_token_id(tokenizer))
+                    key = (method.policy, tuple(ids.tolist()))
+                    if key not in answers:
+                        answers[key] = _greedy(model, handle, ids, max_new_tokens, _pad_token_id(tokenizer))
+                    new_ids = answers[key]
                     generated = tokenizer.decode(new_ids, skip_special_tokens=True)
                     correct = passkey_correct(generated, prompt.passkey)
                     result.rows.append(dict(

@@ -47,6 +47,56 @@ def test_quick_run_writes_figures(name, tmp_path, monkeypatch):
     module.run(argv)
 
 
+@pytest.fixture
+def stand_in_scripts(tmp_path, monkeypatch):
+    """run_all over three stand-in scripts that log their name, thread setting and arguments."""
+    import run_all
+
+    log = tmp_path / "log.txt"
+    body = (
+        "import os, sys, time\n"
+        "time.sleep({pause})\n"
+        "with open({log!r}, 'a') as f:\n"
+        "    f.write(' '.join([{name!r}, os.environ.get('OMP_NUM_THREADS', '-'), *sys.argv[1:]]) + '\\n')\n"
+        "sys.exit({status})\n"
+    )
+    for name, pause, status in (("long", 0.5, 0), ("short", 0.0, 0), ("timed", 0.0, 0), ("broken", 0.0, 3)):
+        (tmp_path / f"{name}.py").write_text(body.format(pause=pause, log=str(log), name=name, status=status))
+    monkeypatch.setattr(run_all, "HERE", tmp_path)
+    monkeypatch.setattr(run_all, "TIMED_ALONE", "timed")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(run_all.os, "cpu_count", lambda: 2)
+    return run_all, log
+
+
+def test_run_all_shares_the_cores_then_times_alone(stand_in_scripts, monkeypatch, capsys):
+    run_all, log = stand_in_scripts
+    monkeypatch.setattr(run_all, "FIGURE_SCRIPTS", ("long", "short"))
+    run_all.main(["--quick", "--recompute"])  # default: 2 jobs on 2 cores, one thread each
+    lines = log.read_text().splitlines()
+    assert lines == [
+        "short 1 --quick --recompute",
+        "long 1 --quick --recompute",
+        "timed - --quick --recompute",
+    ]
+    printed = capsys.readouterr().out
+    assert printed.index("=== short: ") < printed.index("=== long: ") < printed.index("=== timed: ")
+    log.unlink()
+    run_all.main(["--jobs", "1"])  # one at a time: every core for every script, in order
+    assert log.read_text().splitlines() == ["long -", "short -", "timed -"]
+
+
+def test_run_all_names_the_script_that_failed(stand_in_scripts, monkeypatch, capsys):
+    run_all, log = stand_in_scripts
+    monkeypatch.setattr(run_all, "FIGURE_SCRIPTS", ("broken", "short"))
+    with pytest.raises(SystemExit, match="failed: broken"):
+        run_all.main([])
+    assert "=== broken: 0 s, FAILED (exit 3) ===" in capsys.readouterr().out
+    assert sorted(line.split()[0] for line in log.read_text().splitlines()) == ["broken", "short", "timed"]
+    with pytest.raises(SystemExit, match="--jobs must be at least 1"):
+        run_all.main(["--jobs", "0"])
+
+
 def test_efficiency_keeps_the_best_run_per_case():
     import pandas as pd
     from efficiency import table

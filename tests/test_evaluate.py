@@ -182,6 +182,31 @@ def test_passkey_retrieval_rows_and_accuracy(llama, monkeypatch):
     assert len(result.accuracy(by_depth=True)) == 4
 
 
+def test_truncated_baseline_of_a_prompt_that_fits_is_not_generated_twice(llama, monkeypatch):
+    greedy, prompts_run = evaluate._greedy, []
+
+    def counting(model, handle, prompt, *args):
+        prompts_run.append(len(prompt))
+        return greedy(model, handle, prompt, *args)
+
+    monkeypatch.setattr(evaluate, "_greedy", counting)
+    result = evaluate.passkey_retrieval(
+        llama.model,
+        llama.tokenizer,
+        [vanilla()],
+        lengths=[350, 600],  # the first fits in the train length, the second is cut to it
+        depths=(0.5,),
+        train_length=400,
+        max_new_tokens=3,
+        progress=False,
+    )
+    table = result.to_dataframe().set_index(["method", "length"])
+    expected = [table.prompt_tokens[("vanilla", 350)], table.prompt_tokens[("vanilla", 600)], 400]
+    assert sorted(prompts_run) == sorted(expected)
+    fits = table.xs(350, level="length")
+    assert fits.generated.nunique() == 1 and fits.prompt_tokens.nunique() == 1 and len(fits) == 2
+
+
 def test_passkey_retrieval_runs_with_real_generation(llama):
     policy = lm_infinite(n_global=3, n_local=20, distance_limit=24)
     result = evaluate.passkey_retrieval(

@@ -8,8 +8,8 @@
 // Layout: q [B, Hq, R, D], k and v [B, Hkv, S, D] (GQA: query head h reads key head h / (Hq / Hkv)), any
 // strides as long as each row's D floats are contiguous (transformers' [B, T, H, D] -> [B, H, T, D]
 // transposes are read in place); mask: none, causal (R == S, query i sees keys j <= i) or a bool [R, S]
-// (true = attend). Outputs (float32): out [B, Hq, R, D], lse [B, Hq, R], mean_logit [B, Hq, R]. Rows that see no
-// key get out 0, lse -inf, mean_logit 0.
+// (true = attend). Outputs (float32): out [B, Hq, R, D], lse [B, Hq, R], mean_logit [B, Hq, R]. Rows that
+// see no key get out 0, lse -inf, mean_logit 0.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
