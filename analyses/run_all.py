@@ -71,15 +71,15 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--jobs must be at least 1, got {args.jobs}")
     threads = max(1, cores // args.jobs) if args.jobs > 1 else None
     started = time.perf_counter()
-    failed = []
+    results = []
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         jobs = [pool.submit(_run_script, name, rest, threads) for name in FIGURE_SCRIPTS]
         for job in as_completed(jobs):
-            _report(*job.result())
-            failed += [job.result()[0]] if job.result()[2] else []
-    result = _run_script(TIMED_ALONE, rest, None)
-    _report(*result)
-    failed += [result[0]] if result[2] else []
+            results.append(job.result())
+            _report(*results[-1])
+    results.append(_run_script(TIMED_ALONE, rest, None))
+    _report(*results[-1])
+    failed = [name for name, _, status, _ in results if status != 0]
     print(f"\nall scripts: {time.perf_counter() - started:.0f} s", flush=True)
     if failed:
         raise SystemExit(f"failed: {', '.join(failed)} (their output is above)")

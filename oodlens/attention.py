@@ -249,14 +249,11 @@ def _segment_fused(seg: Segment, scale: float, want_mean: bool) -> Partial:
     """Fused kernel (CPU flash / CUDA memory-efficient attention) that also returns the log-sum-exp.
 
     With ``want_mean`` the keys ride along as extra value channels, giving ``Σ_j p_j k_j`` in the same pass
-    (on CPU queries and keys are zero-padded to the same width, as that kernel needs equal head sizes) —
-    except for float32 on a CPU where :mod:`oodlens.kernel` builds, which computes it directly.
+    (on CPU queries and keys are zero-padded to the same width, as that kernel needs equal head sizes).
     """
     q, k, v = seg.queries, seg.keys, seg.values
     d = q.shape[-1]
     on_cuda = q.device.type == "cuda"
-    if want_mean and not on_cuda and q.dtype == torch.float32 and kernel.compiled() is not None:
-        return Partial(*kernel.entropy_attention(q, k, v, seg.mask, scale))  # one pass, no padding
     if want_mean:
         v = torch.cat((v, k), dim=-1)
         if not on_cuda:  # CUDA's kernel takes wider values; the CPU one needs equal head sizes
@@ -338,8 +335,13 @@ def fused_kernel_works(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def run_segment(seg: Segment, scale: float, softcap: float | None, want_mean: bool) -> Partial:
-    """Dispatch one segment to the fused kernel when it can serve it, else to the float32 reference."""
+    """Dispatch one segment: oodlens' CPU kernel when the mean logit is wanted in float32 on a CPU where it
+    builds (built on that first need, so runs without observers never compile it), else PyTorch's fused
+    kernel when it can serve the segment, else the float32 reference."""
     q = seg.queries
+    if want_mean and softcap is None and q.device.type == "cpu" and q.dtype == torch.float32:
+        if kernel.compiled() is not None:
+            return Partial(*kernel.entropy_attention(q, seg.keys, seg.values, seg.mask, scale))
     if softcap is None and q.device.type in ("cpu", "cuda") and fused_kernel_works(q.device, q.dtype):
         return _segment_fused(seg, scale, want_mean)
     return _segment_math(seg, scale, softcap, want_mean)

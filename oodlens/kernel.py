@@ -1,11 +1,11 @@
 """The compiled CPU kernel behind exact per-query entropy (``csrc/entropy_attention.cpp``).
 
 PyTorch's CPU flash kernel gives the output and log-sum-exp of attention but not ``E_p[logit]``, which the
-entropy needs; this kernel computes all three in one pass. It is compiled on first use with
-``torch.utils.cpp_extension`` (about a minute, then cached by torch under ``~/.cache/torch_extensions``) and
-needs a C++ compiler, x86-64 with AVX2 and FMA, and PyTorch's MKL BLAS. Where any of that is missing the
-engine warns once and keeps its portable path (the CPU flash kernel with the keys appended to the values),
-which gives the same numbers more slowly.
+entropy needs; this kernel computes all three in one pass. It is compiled the first time an observer needs
+the entropy on a CPU, with ``torch.utils.cpp_extension`` (about 40 s, then cached by torch under
+``~/.cache/torch_extensions``), and needs x86-64 with AVX2 and FMA, a C++ compiler, ninja and PyTorch's MKL
+BLAS. On other CPUs the engine keeps its portable path (the CPU flash kernel with the keys appended to the
+values), which gives the same numbers more slowly; where a build is tried and fails it warns once first.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ SOURCE = Path(__file__).with_name("csrc") / "entropy_attention.cpp"
 
 @functools.cache
 def compiled() -> ModuleType | None:
-    """The compiled extension, or ``None`` (with one warning saying why) where it cannot be built here."""
+    """The compiled extension, or ``None`` where this CPU cannot run it or the build fails (warned once)."""
     capability = torch.backends.cpu.get_cpu_capability()
     if platform.machine().lower() not in ("x86_64", "amd64") or capability not in ("AVX2", "AVX512"):
         return None  # the portable path is the designed fallback on such CPUs; nothing to warn about
@@ -84,8 +84,7 @@ def entropy_attention(
     """
     tensors = [_rows_readable(t) for t in (query, key, value)]
     boolean = mask if isinstance(mask, torch.Tensor) else None
-    out, lse, mean = compiled().entropy_attention(*tensors, boolean, mask == "causal", float(scale))
-    return out, lse, mean
+    return tuple(compiled().entropy_attention(*tensors, boolean, mask == "causal", float(scale)))
 
 
 def _rows_readable(tensor: torch.Tensor) -> torch.Tensor:

@@ -265,8 +265,7 @@ def _load_gguf(path: Path, device: torch.device, dtype: torch.dtype) -> tuple[Pr
         model, tokenizer = _read_gguf(path, torch.device("cpu"), torch.float32)
         if not _write_gguf_cache(model, tokenizer, path, folder):
             return model.to(device=device, dtype=dtype), tokenizer
-    model, tokenizer = _load_folder(folder, device, dtype)
-    return model, tokenizer
+    return _load_folder(folder, device, dtype)
 
 
 def gguf_cache_folder(path: Path) -> Path:

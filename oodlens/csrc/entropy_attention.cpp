@@ -21,8 +21,9 @@
 extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
                        const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
                        const float* beta, float* c, const int* ldc);
-// MKL's per-thread thread count (weak: absent from other BLAS builds). Each worker below calls BLAS on small
-// blocks; letting MKL start its own threads inside it oversubscribes the cores (measured: 2.2x slower).
+// MKL's per-thread thread count (the kernel links only against PyTorch's MKL; elsewhere the build fails and
+// oodlens keeps its portable path). Each worker below calls BLAS on small blocks; letting MKL start its own
+// threads inside it oversubscribes the cores (measured: 2.2x slower).
 extern "C" int MKL_Set_Num_Threads_Local(int threads);
 
 namespace {
