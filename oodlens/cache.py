@@ -8,6 +8,8 @@ so the engine knows where the head ends and where the tail begins.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
@@ -80,3 +82,23 @@ class LMInfiniteCache(DynamicCache):
     def stored_tokens(self) -> list[int]:
         """Keys held per layer (for memory checks)."""
         return [0 if layer.keys is None else layer.keys.shape[-2] for layer in self.layers]
+
+
+def continue_from(prefix: DynamicCache, cache: DynamicCache) -> DynamicCache:
+    """Fill the empty ``cache`` with the state of ``prefix`` (a cache after the first tokens of a sequence),
+    which stays untouched, so that several methods can each continue one computed prefix.
+
+    A bounded LM-Infinite layer takes the prefix's keys as if they had just been appended (it keeps the
+    starting tokens and the last window); every other layer, the model's own sliding-window layers included,
+    gets a copy of the prefix's layer. Both caches must come from the same model config.
+    """
+    if len(cache.layers) != len(prefix.layers):
+        raise ValueError(f"a cache of {len(prefix.layers)} layers cannot seed one of {len(cache.layers)}")
+    for index, (layer, source) in enumerate(zip(cache.layers, prefix.layers, strict=True)):
+        if not source.is_initialized:
+            continue
+        if isinstance(layer, LMInfiniteLayer):
+            layer.update(source.keys, source.values)
+        else:
+            cache.layers[index] = copy.deepcopy(source)
+    return cache

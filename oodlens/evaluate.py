@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel
 
+from .cache import continue_from
 from .data import passkey_prompt
 from .errors import OodlensError
 from .models import ModelInfo
@@ -108,6 +109,70 @@ def _bounded_cache_possible(policy: Policy) -> bool:
     """Whether a resolved policy decodes in O(window) memory: beyond its window it keeps only the first
     ``n_global`` tokens (not every key, as the distance limit alone or top-k over middle tokens need)."""
     return policy.window is not None and policy.top_k == 0 and policy.n_global < EVERY_KEY
+
+
+def _new_cache(model: PreTrainedModel, handle: PolicyHandle) -> Any:
+    """An empty cache for the applied policy: bounded where it can be, else transformers' dynamic cache."""
+    if _bounded_cache_possible(handle.policy):
+        return handle.new_cache()
+    return DynamicCache(config=model.config)
+
+
+class _SharedPrefix:
+    """The first tokens of one sequence, run once under vanilla; every method that attends as vanilla does
+    over them continues from its own copy of this key/value cache instead of computing them again.
+
+    Below its window and distance limit a policy *is* vanilla (see
+    :meth:`~oodlens.policies.Policy.vanilla_prefix`), so for the usual methods the first ``train_length``
+    tokens of every window are shared. The cache holds the keys and values of ``length`` tokens in every
+    layer while the methods run.
+    """
+
+    def __init__(self, model: PreTrainedModel, train_length: int):
+        self.model = model
+        self.train_length = train_length
+        self.ids = torch.empty(0, dtype=torch.long)
+        self.cache = DynamicCache(config=model.config)
+
+    @property
+    def length(self) -> int:
+        return self.ids.numel()
+
+    def extend(self, ids: torch.LongTensor, length: int) -> torch.Tensor:
+        """Run vanilla over ``ids[self.length:length]`` (``ids [T]`` must begin with the tokens already run);
+        returns the last hidden states ``[length - self.length, d]`` of the new positions."""
+        if not torch.equal(ids[: self.length], self.ids) or length <= self.length:
+            raise ValueError(f"a prefix of {self.length} tokens cannot become {length} tokens of this text")
+        device = self.model.get_output_embeddings().weight.device
+        new = ids[self.length : length].to(device)[None]
+        with apply_policy(self.model, vanilla(), train_length=self.train_length):
+            hidden = _forward_hidden(self.model, new, use_cache=True, **_cache_kwargs(self.model, self.cache))
+        self.ids = ids[:length].clone()
+        return hidden[0]
+
+    def reach(self, text: torch.LongTensor, length: int) -> None:
+        """Hold the first ``length`` tokens of ``text`` (extend, or restart if it holds more or other ones)."""
+        if length < self.length or not torch.equal(text[: self.length], self.ids):
+            self.ids = torch.empty(0, dtype=torch.long)
+            self.cache = DynamicCache(config=self.model.config)
+        if length > self.length:
+            self.extend(text, length)
+
+    def begins(self, ids: torch.LongTensor) -> bool:
+        """Whether ``ids`` starts with this prefix and goes on past it (so there is something to continue)."""
+        return 0 < self.length < ids.numel() and torch.equal(ids[: self.length], self.ids)
+
+    def cache_for(self, handle: PolicyHandle) -> Any:
+        """A new cache for the applied policy, holding this prefix."""
+        return continue_from(self.cache, _new_cache(self.model, handle))
+
+
+def _shared_length(methods: Sequence[_Method], train_length: int, limit: int) -> int:
+    """Leading tokens on which every method attends as vanilla does (at most ``limit``); 0 for a single
+    method, which has nobody to share with."""
+    if len(methods) < 2:
+        return 0
+    return min([method.policy.vanilla_prefix(train_length) for method in methods] + [limit])
 
 
 def _logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
@@ -191,6 +256,18 @@ def truncated_sequence_nll(
     piece scores all its tokens, later pieces their last ``stride`` tokens, each with at least
     ``train_length - stride`` tokens of context).
     """
+    return _truncated_nll(model, ids, train_length, chunk, start_nll=None)
+
+
+def _truncated_nll(
+    model: PreTrainedModel,
+    ids: torch.LongTensor,
+    train_length: int,
+    chunk: int,
+    start_nll: torch.Tensor | None,
+) -> torch.Tensor:
+    """:func:`truncated_sequence_nll`; ``start_nll [T]`` (NaN where not computed) holds vanilla's scores of
+    the sequence's first tokens, which are the first piece's when they cover it."""
     _check_train_length(train_length)
     length = ids.shape[0]
     nll = torch.full((length,), math.nan)
@@ -198,11 +275,36 @@ def truncated_sequence_nll(
     start, scored_until = 0, 1
     while scored_until < length:
         stop = min(start + train_length, length)
-        nll[scored_until:stop] = sequence_nll(model, ids[start:stop], chunk, scored_until - start)[
-            scored_until - start :
-        ]
+        known = start_nll[scored_until:stop] if start == 0 and start_nll is not None else None
+        if known is not None and not known.isnan().any():
+            nll[scored_until:stop] = known
+        else:
+            nll[scored_until:stop] = sequence_nll(model, ids[start:stop], chunk, scored_until - start)[
+                scored_until - start :
+            ]
         scored_until = stop
         start += stride
+    return nll
+
+
+def _continued_nll(
+    model: PreTrainedModel,
+    handle: PolicyHandle,
+    ids: torch.LongTensor,
+    prefix: _SharedPrefix,
+    prefix_nll: torch.Tensor,
+    chunk: int,
+) -> torch.Tensor:
+    """Per-position NLL ``[T]`` of ``ids`` under the applied policy: the shared prefix's scores
+    ``prefix_nll``, then one forward over the rest from a copy of the prefix's cache (one forward over all
+    when ``ids`` does not continue the prefix)."""
+    if not prefix.begins(ids):
+        return sequence_nll(model, ids, chunk)
+    rest = ids[prefix.length :].to(model.get_output_embeddings().weight.device)
+    cache = prefix.cache_for(handle)
+    hidden = _forward_hidden(model, rest[None], use_cache=True, **_cache_kwargs(model, cache))[0]
+    nll = prefix_nll.clone()
+    nll[prefix.length + 1 :] = _nll(model, hidden[:-1], rest[1:], chunk).cpu()
     return nll
 
 
@@ -310,6 +412,7 @@ def perplexity_by_position(
     bucket: int = DEFAULT_BUCKET,
     chunk: int = DEFAULT_CHUNK,
     truncated_baseline: bool = True,
+    share_prefix: bool = True,
     progress: bool = True,
 ) -> PerplexityResult:
     """NLL of every position of ``windows [n, length]`` under each policy, one forward per window and method.
@@ -317,6 +420,13 @@ def perplexity_by_position(
     ``truncated_baseline`` adds :data:`TRUNCATED_BASELINE`: vanilla with at most ``train_length`` tokens of
     context (see :func:`truncated_sequence_nll`), which scores the same tokens without ever leaving the
     training distribution, so it separates "the fix works" from "later text is harder".
+
+    ``share_prefix``: every method attends as vanilla does below its window and distance limit (for the usual
+    methods, the first ``train_length`` tokens), so with several methods that part of each window runs once,
+    under vanilla, and each method continues from a copy of its key/value cache (the baseline reuses it as its
+    first piece). The scores are those of one forward per method up to float rounding; the cost is the cache
+    of the shared tokens and of each method's continuation. ``False`` runs every method from the first token
+    without a cache.
     """
     _check_train_length(train_length)
     if windows.dim() != 2 or windows.shape[1] < 2:
@@ -326,18 +436,24 @@ def perplexity_by_position(
     if bucket < 1 or chunk < 1:
         raise OodlensError(f"bucket and chunk must be positive, got {bucket} and {chunk}")
     methods = _methods(policies, truncated_baseline)
-    token_nll = {}
+    shared = _shared_length(methods, train_length, windows.shape[1] - 1) if share_prefix else 0
+    total = {method.name: torch.zeros(windows.shape[1]) for method in methods}
     with _inference(model), _progress(len(methods) * len(windows), progress, "window", "perplexity") as bar:
-        for method in methods:
-            total = torch.zeros(windows.shape[1])
-            with apply_policy(model, method.policy, train_length=train_length):
-                for ids in windows:
+        for ids in windows:
+            prefix = _SharedPrefix(model, train_length)
+            prefix_nll = torch.full((ids.shape[0],), math.nan)
+            if shared:
+                hidden = prefix.extend(ids, shared)
+                targets = ids[1 : shared + 1].to(hidden.device)
+                prefix_nll[1 : shared + 1] = _nll(model, hidden, targets, chunk).cpu()
+            for method in methods:
+                with apply_policy(model, method.policy, train_length=train_length) as handle:
                     if method.truncated:
-                        total += truncated_sequence_nll(model, ids, train_length, chunk)
+                        total[method.name] += _truncated_nll(model, ids, train_length, chunk, prefix_nll)
                     else:
-                        total += sequence_nll(model, ids, chunk)
-                    bar.update()
-            token_nll[method.name] = (total / len(windows)).numpy()
+                        total[method.name] += _continued_nll(model, handle, ids, prefix, prefix_nll, chunk)
+                bar.update()
+    token_nll = {name: (summed / len(windows)).numpy() for name, summed in total.items()}
     return PerplexityResult(token_nll, train_length, windows.shape[1], len(windows), bucket)
 
 
@@ -352,21 +468,65 @@ def _greedy(
     prompt: torch.LongTensor,
     max_new_tokens: int,
     pad_token_id: int | None,
+    prefix: _SharedPrefix | None = None,
 ) -> torch.LongTensor:
-    """The ``≤ max_new_tokens`` ids greedily generated after ``prompt [T]``; windowed policies decode with the
-    bounded cache, so memory stays flat however long the prompt is."""
+    """The ``≤ max_new_tokens`` ids greedily generated after ``prompt [T]``, continuing from ``prefix`` when
+    the prompt begins with it; windowed policies decode with the bounded cache, so memory stays flat however
+    long the prompt is."""
     device = model.get_output_embeddings().weight.device
     ids = prompt.to(device)[None]
-    cache = _cache_kwargs(model, handle.new_cache()) if _bounded_cache_possible(handle.policy) else {}
+    continues = prefix is not None and prefix.begins(prompt)
+    cache = prefix.cache_for(handle) if continues else _new_cache(model, handle)
     output = model.generate(
         ids,
         attention_mask=torch.ones_like(ids),
         max_new_tokens=max_new_tokens,
         do_sample=False,
         pad_token_id=pad_token_id,
-        **cache,
+        **_cache_kwargs(model, cache),
     )
     return output[0, ids.shape[1] :].cpu()
+
+
+def _answer_key(policy: Policy, prompt: torch.LongTensor, max_new_tokens: int, train_length: int) -> tuple:
+    """What a greedy answer depends on: the prompt, and the policy unless it attends as vanilla over every
+    position that predicts a token (then its answer is vanilla's, e.g. LM-Infinite on a prompt that fits in
+    its window, or the truncated baseline of such a prompt)."""
+    last_query = prompt.numel() + max_new_tokens - 2
+    as_vanilla = last_query < policy.vanilla_prefix(train_length)
+    return (vanilla() if as_vanilla else policy, tuple(prompt.tolist()))
+
+
+def _greedy_jobs(
+    model: PreTrainedModel,
+    jobs: Sequence[tuple[_Method, torch.LongTensor]],
+    text: torch.LongTensor,
+    prefix: _SharedPrefix | None,
+    max_new_tokens: int,
+    pad_token_id: int | None,
+    train_length: int,
+    answers: dict[tuple, torch.LongTensor],
+) -> list[torch.LongTensor]:
+    """The greedy answer to each ``(method, prompt)`` job, memoised in ``answers`` (see :func:`_answer_key`).
+
+    With a ``prefix``, the jobs to run whose prompts begin ``text [T]`` first share its longest start on which
+    they all attend as vanilla (``prefix`` is extended to it, or restarted if it holds more).
+    """
+    keys = [_answer_key(method.policy, ids, max_new_tokens, train_length) for method, ids in jobs]
+    todo: dict[tuple, tuple[_Method, torch.LongTensor]] = {}
+    for key, job in zip(keys, jobs, strict=True):
+        if key not in answers:
+            todo.setdefault(key, job)
+    starts = [(method, ids) for method, ids in todo.values() if torch.equal(ids, text[: ids.numel()])]
+    if prefix is not None and starts:
+        vanilla_until = [
+            min(method.policy.vanilla_prefix(train_length), ids.numel() - 1) for method, ids in starts
+        ]
+        prefix.reach(text, min(vanilla_until))
+    for key, (method, ids) in todo.items():
+        with apply_policy(model, method.policy, train_length=train_length) as handle:
+            answers[key] = _greedy(model, handle, ids, max_new_tokens, pad_token_id, prefix)
+    return [answers[key] for key in keys]
 
 
 def _pad_token_id(tokenizer: Any) -> int | None:
@@ -433,6 +593,7 @@ def passkey_retrieval(
     max_new_tokens: int = 8,
     truncated_baseline: bool = True,
     seed: int = 0,
+    share_prefix: bool = True,
     progress: bool = True,
 ) -> PasskeyResult:
     """Greedy passkey retrieval for every (method, length, depth, sample), prompts from
@@ -440,6 +601,10 @@ def passkey_retrieval(
 
     :data:`TRUNCATED_BASELINE` keeps only the last ``train_length`` prompt tokens (the question stays) and
     runs vanilla. The paper's LM-Infinite passkey numbers use ``lm_infinite(top_k=5)``.
+
+    A method that attends as vanilla over the whole prompt and answer (e.g. LM-Infinite on a prompt that fits
+    in its window) gives vanilla's answer, which is generated once. ``share_prefix`` runs the start of each
+    prompt on which the methods attend as vanilla once (see :func:`perplexity_by_position`).
     """
     _check_train_length(train_length)
     if samples_per_cell < 1 or max_new_tokens < 1:
@@ -455,24 +620,26 @@ def passkey_retrieval(
         cell: passkey_prompt(tokenizer, cell[0], cell[1], seed=_passkey_seed(seed, *cell)) for cell in cells
     }
     result = PasskeyResult()
-    # The truncated baseline of a prompt that fits in train_length is vanilla on the same ids: run it once.
-    answers: dict[tuple[Policy, tuple[int, ...]], torch.LongTensor] = {}
+    answers: dict[tuple, torch.LongTensor] = {}
+    pad_token_id = _pad_token_id(tokenizer)
     with _inference(model), _progress(len(methods) * len(cells), progress, "prompt", "passkey") as bar:
-        for method in methods:
-            with apply_policy(model, method.policy, train_length=train_length) as handle:
-                for (length, depth, sample), prompt in prompts.items():
-                    ids = prompt.input_ids[-train_length:] if method.truncated else prompt.input_ids
-                    key = (method.policy, tuple(ids.tolist()))
-                    if key not in answers:
-                        answers[key] = _greedy(model, handle, ids, max_new_tokens, _pad_token_id(tokenizer))
-                    new_ids = answers[key]
-                    generated = tokenizer.decode(new_ids, skip_special_tokens=True)
-                    correct = passkey_correct(generated, prompt.passkey)
-                    result.rows.append(dict(
-                        method=method.name, length=length, depth=depth, sample=sample, passkey=prompt.passkey,
-                        prompt_tokens=len(ids), generated=generated, correct=correct,
-                    ))  # fmt: skip
-                    bar.update()
+        for (length, depth, sample), prompt in prompts.items():
+            full = prompt.input_ids
+            jobs = [(method, full[-train_length:] if method.truncated else full) for method in methods]
+            prefix = _SharedPrefix(model, train_length) if share_prefix else None
+            outputs = _greedy_jobs(
+                model, jobs, full, prefix, max_new_tokens, pad_token_id, train_length, answers
+            )
+            for (method, ids), new_ids in zip(jobs, outputs, strict=True):
+                generated = tokenizer.decode(new_ids, skip_special_tokens=True)
+                result.rows.append(dict(
+                    method=method.name, length=length, depth=depth, sample=sample, passkey=prompt.passkey,
+                    prompt_tokens=len(ids), generated=generated,
+                    correct=passkey_correct(generated, prompt.passkey),
+                ))  # fmt: skip
+                bar.update()
+    order = {method.name: index for index, method in enumerate(methods)}
+    result.rows.sort(key=lambda row: order[row["method"]])  # stable: cells stay in their order
     return result
 
 
@@ -536,12 +703,16 @@ def generation_quality(
     milestones: Sequence[int],
     new_tokens: int = 100,
     train_length: int,
+    share_prefix: bool = True,
     progress: bool = True,
 ) -> GenerationResult:
     """For each window of ``[n, T]`` (or one sequence ``[T]``) and milestone ``m``: generate ``new_tokens``
     greedily after its first ``m`` tokens and score them against tokens ``[m, m + new_tokens)``.
 
-    Generation stops early at the end-of-sequence token, as the model would.
+    Generation stops early at the end-of-sequence token, as the model would. A method that attends as vanilla
+    over the prompt and its continuation gives vanilla's continuation, generated once. ``share_prefix`` runs
+    the start of each window on which the methods attend as vanilla once, growing it from one milestone to the
+    next (see :func:`perplexity_by_position`).
     """
     _check_train_length(train_length)
     windows = windows_or_tokens[None] if windows_or_tokens.dim() == 1 else windows_or_tokens
@@ -553,32 +724,30 @@ def generation_quality(
         )
     methods = _methods(policies, truncated_baseline=False)
     result = GenerationResult()
+    pad_token_id = _pad_token_id(tokenizer)
     total = len(methods) * len(windows) * len(milestones)
     with _inference(model), _progress(total, progress, "continuation", "generation") as bar:
-        for method in methods:
-            with apply_policy(model, method.policy, train_length=train_length) as handle:
-                for index, window in enumerate(windows):
-                    for milestone in milestones:
-                        new_ids = _greedy(
-                            model, handle, window[:milestone], new_tokens, _pad_token_id(tokenizer)
-                        )
-                        generated = tokenizer.decode(new_ids, skip_special_tokens=True)
-                        reference = tokenizer.decode(
-                            window[milestone : milestone + new_tokens], skip_special_tokens=True
-                        )
-                        bleu, rouge_l = continuation_scores(generated, reference)
-                        result.rows.append(
-                            dict(
-                                method=method.name,
-                                window=index,
-                                milestone=milestone,
-                                bleu=bleu,
-                                rouge_l=rouge_l,
-                                generated=generated,
-                                reference=reference,
-                            )
-                        )
-                        bar.update()
+        for index, window in enumerate(windows):
+            prefix = _SharedPrefix(model, train_length) if share_prefix else None
+            answers: dict[tuple, torch.LongTensor] = {}
+            for milestone in sorted(milestones):  # ascending, so the shared prefix only grows
+                jobs = [(method, window[:milestone]) for method in methods]
+                outputs = _greedy_jobs(
+                    model, jobs, window, prefix, new_tokens, pad_token_id, train_length, answers
+                )
+                real = window[milestone : milestone + new_tokens]
+                reference = tokenizer.decode(real, skip_special_tokens=True)
+                for method, new_ids in zip(methods, outputs, strict=True):
+                    generated = tokenizer.decode(new_ids, skip_special_tokens=True)
+                    bleu, rouge_l = continuation_scores(generated, reference)
+                    result.rows.append(dict(
+                        method=method.name, window=index, milestone=milestone, bleu=bleu, rouge_l=rouge_l,
+                        generated=generated, reference=reference,
+                    ))  # fmt: skip
+                    bar.update()
+    order = {method.name: index for index, method in enumerate(methods)}
+    position = {milestone: index for index, milestone in enumerate(milestones)}
+    result.rows.sort(key=lambda row: (order[row["method"]], row["window"], position[row["milestone"]]))
     return result
 
 
@@ -724,14 +893,12 @@ class _BucketSums:
 
 
 def _stream_cache(model: PreTrainedModel, handle: PolicyHandle, max_tokens: int | None) -> Any:
-    if _bounded_cache_possible(handle.policy):
-        return handle.new_cache()
-    if max_tokens is None:
+    if max_tokens is None and not _bounded_cache_possible(handle.policy):
         raise OodlensError(
             f"policy {handle.policy.name!r} keeps every key (vanilla, distance limit alone, top-k), so its "
             "cache grows with the stream: use a windowed policy such as lm_infinite(), or pass max_tokens"
         )
-    return DynamicCache(config=model.config)
+    return _new_cache(model, handle)
 
 
 def _stored_tokens(cache: Any) -> int:

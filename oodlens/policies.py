@@ -85,6 +85,13 @@ class Policy:
             rotary=rotary,
         )
 
+    def vanilla_prefix(self, train_length: int) -> int:
+        """How many leading positions this policy attends exactly as vanilla does: below its window every query
+        sees every earlier key at its true distance (the distance limit and top-k act only on keys beyond the
+        window). :data:`EVERY_KEY` for a policy without a window, which never differs from vanilla."""
+        resolved = self.resolve(train_length)
+        return EVERY_KEY if resolved.window is None else resolved.window
+
     @property
     def rewrites_distance(self) -> bool:
         return self.limited or self.top_k > 0

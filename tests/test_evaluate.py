@@ -11,8 +11,17 @@ import torch
 
 from oodlens import evaluate
 from oodlens.errors import OodlensError
-from oodlens.policies import distance_limit, lm_infinite, vanilla
-from oodlens.tiny import TINY_TRAIN_LENGTH, tiny_model
+from oodlens.policies import (
+    EVERY_KEY,
+    POLICIES,
+    apply_policy,
+    distance_limit,
+    lm_infinite,
+    policy_by_name,
+    vanilla,
+    window,
+)
+from oodlens.tiny import TINY_SLIDING_WINDOW, TINY_TRAIN_LENGTH, tiny_model
 
 STREAM_POLICY = lm_infinite(n_global=3, n_local=20, distance_limit=24)
 
@@ -119,6 +128,161 @@ def test_scoring_from_a_position_leaves_the_scored_nll_unchanged(llama):
     torch.testing.assert_close(tail[25:], every[25:], rtol=0, atol=1e-6)
 
 
+class _TokenCounter:
+    """Counts the token positions the model's embedding layer is run on (one forward, or a continuation)."""
+
+    def __init__(self, model):
+        self.tokens = 0
+        self._hook = model.get_input_embeddings().register_forward_hook(self._count)
+
+    def _count(self, module, args, output):
+        self.tokens += args[0].numel()
+
+    def remove(self):
+        self._hook.remove()
+
+
+@pytest.mark.parametrize(
+    "policy, agrees_below",
+    [
+        (lm_infinite(n_global=2, n_local=20, distance_limit=24), 20),  # key 0 moves to distance 24 at i = 20
+        (window(20), 20),  # key 0 leaves the window at i = 20
+        # the limit acts only beyond the window: key 0 is first seen at distance 12 instead of 30 at i = 30
+        (lm_infinite(n_global=2, n_local=30, distance_limit=12), 30),
+    ],
+)
+def test_a_policy_attends_as_vanilla_exactly_below_its_vanilla_prefix(llama, policy, agrees_below):
+    assert policy.vanilla_prefix(TINY_TRAIN_LENGTH) == agrees_below
+    ids = _ids((1, agrees_below + 6))
+
+    def logits(policy):
+        with torch.no_grad(), apply_policy(llama.model, policy, train_length=TINY_TRAIN_LENGTH):
+            return llama.model(ids, use_cache=False).logits[0]
+
+    before, after = logits(vanilla()), logits(policy)
+    torch.testing.assert_close(after[:agrees_below], before[:agrees_below], rtol=0, atol=1e-5)
+    # the bound is tight here: the change is 10x the tolerance above (small logits of a random model)
+    assert (after[agrees_below] - before[agrees_below]).abs().max() > 1e-4
+    assert vanilla().vanilla_prefix(TINY_TRAIN_LENGTH) == EVERY_KEY
+
+
+# mistral-sliding and gemma2 have the model's own sliding-window layers, shorter than the shared prefix.
+@pytest.mark.parametrize("family", ["llama", "mistral-sliding", "gemma2", "gpt_neox", "phi3"])
+def test_a_shared_prefix_gives_the_scores_of_separate_forwards(family):
+    model = tiny_model(family).model
+    assert TINY_SLIDING_WINDOW < TINY_TRAIN_LENGTH
+    ids = _ids((2, 2 * TINY_TRAIN_LENGTH - 10))
+    policies = [policy_by_name(name) for name in POLICIES] + [
+        dataclasses.replace(lm_infinite(n_global=2, n_local=40, distance_limit=48), name="short-window")
+    ]
+    results = {
+        share: evaluate.perplexity_by_position(
+            model, ids, policies, train_length=TINY_TRAIN_LENGTH, share_prefix=share, progress=False
+        )
+        for share in (True, False)
+    }
+    assert set(results[True].token_nll) == {*POLICIES, "short-window", evaluate.TRUNCATED_BASELINE}
+    for method, nll in results[False].token_nll.items():
+        torch.testing.assert_close(
+            torch.from_numpy(results[True].token_nll[method]),
+            torch.from_numpy(nll),
+            rtol=0,
+            atol=2e-5,
+            equal_nan=True,
+        )
+
+
+def test_a_shared_prefix_is_computed_once_per_window(llama):
+    length, train = 100, TINY_TRAIN_LENGTH
+    ids = _ids((1, length))
+    counted = {}
+    for share in (True, False):
+        counter = _TokenCounter(llama.model)
+        try:
+            evaluate.perplexity_by_position(
+                llama.model,
+                ids,
+                [vanilla(), lm_infinite()],
+                train_length=train,
+                share_prefix=share,
+                progress=False,
+            )
+        finally:
+            counter.remove()
+        counted[share] = counter.tokens
+    # the truncated baseline's pieces of 64 tokens start at 0, 32 and 64 (the last holds 36 tokens)
+    assert counted[False] == 2 * length + (train + train + 36)
+    # shared: the first 64 tokens once, 36 more per method; the baseline's first piece is the prefix itself
+    assert counted[True] == train + 2 * (length - train) + (train + 36)
+
+
+def test_passkey_and_generation_give_the_same_answers_with_a_shared_prefix(llama):
+    policies = [vanilla(), lm_infinite(n_global=3, n_local=40, distance_limit=48)]
+    passkey, generation, tokens = {}, {}, {}
+    for share in (True, False):
+        counter = _TokenCounter(llama.model)
+        try:
+            passkey[share] = evaluate.passkey_retrieval(
+                llama.model,
+                llama.tokenizer,
+                policies,
+                lengths=[340],
+                depths=(0.2, 0.8),
+                train_length=TINY_TRAIN_LENGTH,
+                max_new_tokens=4,
+                share_prefix=share,
+                progress=False,
+            ).to_dataframe()
+            generation[share] = evaluate.generation_quality(
+                llama.model,
+                llama.tokenizer,
+                _ids((2, 130)),
+                policies,
+                milestones=[
+                    100,
+                    20,
+                    60,
+                ],  # the rows keep this order; the shared prefix grows in ascending order
+                new_tokens=6,
+                train_length=TINY_TRAIN_LENGTH,
+                share_prefix=share,
+                progress=False,
+            ).to_dataframe()
+        finally:
+            counter.remove()
+        tokens[share] = counter.tokens
+    assert passkey[True].equals(passkey[False]) and generation[True].equals(generation[False])
+    assert generation[True].milestone.tolist() == [100, 20, 60] * 4
+    assert generation[True].method.tolist() == ["vanilla"] * 6 + ["lm-infinite"] * 6
+    assert tokens[True] < tokens[False]
+
+
+def test_a_policy_that_attends_as_vanilla_over_prompt_and_answer_gives_vanillas_answer(llama, monkeypatch):
+    greedy, prompts_run = evaluate._greedy, []
+
+    def counting(model, handle, prompt, *args):
+        prompts_run.append((handle.policy.name, len(prompt)))
+        return greedy(model, handle, prompt, *args)
+
+    monkeypatch.setattr(evaluate, "_greedy", counting)
+    windows = _ids((1, 80))
+    result = evaluate.generation_quality(
+        llama.model,
+        llama.tokenizer,
+        windows,
+        [vanilla(), lm_infinite(n_global=3, n_local=40, distance_limit=48)],
+        milestones=[30, 36, 60],  # 30 + 10 new tokens: last query at 38 < 40; 36 + 10: query 44 is past it
+        new_tokens=10,
+        train_length=TINY_TRAIN_LENGTH,
+        progress=False,
+    ).to_dataframe()
+    assert sorted(prompts_run) == sorted(
+        [("vanilla", 30), ("vanilla", 36), ("lm-infinite", 36), ("vanilla", 60), ("lm-infinite", 60)]
+    )
+    at_30 = result[result.milestone == 30]
+    assert at_30.generated.nunique() == 1 and len(at_30) == 2
+
+
 def test_duplicate_method_names_are_rejected(llama):
     with pytest.raises(OodlensError, match="own name"):
         evaluate.perplexity_by_position(
@@ -155,7 +319,7 @@ def test_passkey_digit_matcher(generated, correct):
 
 def test_passkey_retrieval_rows_and_accuracy(llama, monkeypatch):
     # The tiny model is random: make it "answer" with the passkey in its prompt, so correctness is known.
-    def answer_from_prompt(model, handle, prompt, max_new_tokens, pad_token_id):
+    def answer_from_prompt(model, handle, prompt, max_new_tokens, pad_token_id, prefix=None):
         text = llama.tokenizer.decode(prompt)
         key = text.split("The pass key is ")[1][:5] if "The pass key is " in text else "00000"
         return torch.tensor(llama.tokenizer(f" {key}.", add_special_tokens=False)["input_ids"])
