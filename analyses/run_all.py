@@ -1,11 +1,11 @@
 """Regenerate every figure and table of the paper on the embedded model.
 
 Results come from the cache in figures/cache/ when present; with --recompute everything is computed again
-(about 67 minutes on 2 CPU cores, docs/results.md). Each script runs in its own process. The figure scripts
-run ``--jobs`` at a time (default: 2 where there are at least 2 cores), one thread each: on 2 cores that
-finished them in 50 minutes against about 57 one after the other with 2 threads each, although a single
-long forward slows down 1.5-1.9x on one thread. The efficiency benchmark measures speed, so it runs last
-and alone, on every core.
+(30 minutes from empty caches on 2 CPU cores, docs/results.md). Each script runs in its own process. The
+figure scripts run ``--jobs`` at a time (default: 2 where there are at least 2 cores), one thread each: on 2
+cores two 1-thread jobs get as much done as one 2-thread job at a time, or up to 14 % more, depending on
+the machine, and keep both cores busy through each script's single-threaded stretches. The efficiency
+benchmark measures speed, so it runs last and alone, on every core.
 
     python analyses/run_all.py            # SmolLM2 → figures/
     python analyses/run_all.py --jobs 1   # one script at a time

@@ -122,10 +122,9 @@ class _SharedPrefix:
     """The first tokens of one sequence, run once under vanilla; every method that attends as vanilla does
     over them continues from its own copy of this key/value cache instead of computing them again.
 
-    Below its window and distance limit a policy *is* vanilla (see
-    :meth:`~oodlens.policies.Policy.vanilla_prefix`), so for the usual methods the first ``train_length``
-    tokens of every window are shared. The cache holds the keys and values of ``length`` tokens in every
-    layer while the methods run.
+    Below its window a policy *is* vanilla (see :meth:`~oodlens.policies.Policy.vanilla_prefix`), so for
+    the usual methods the first ``train_length`` tokens of every window are shared. The cache holds the keys
+    and values of ``length`` tokens in every layer while the methods run.
     """
 
     def __init__(self, model: PreTrainedModel, train_length: int):
@@ -151,7 +150,7 @@ class _SharedPrefix:
         return hidden[0]
 
     def reach(self, text: torch.LongTensor, length: int) -> None:
-        """Hold the first ``length`` tokens of ``text`` (extend, or restart if it holds more or other ones)."""
+        """Hold the first ``length`` tokens of ``text`` (extend, or restart if it holds more or others)."""
         if length < self.length or not torch.equal(text[: self.length], self.ids):
             self.ids = torch.empty(0, dtype=torch.long)
             self.cache = DynamicCache(config=self.model.config)
@@ -421,8 +420,8 @@ def perplexity_by_position(
     context (see :func:`truncated_sequence_nll`), which scores the same tokens without ever leaving the
     training distribution, so it separates "the fix works" from "later text is harder".
 
-    ``share_prefix``: every method attends as vanilla does below its window and distance limit (for the usual
-    methods, the first ``train_length`` tokens), so with several methods that part of each window runs once,
+    ``share_prefix``: every method attends as vanilla does below its window (for the usual methods, the
+    first ``train_length`` tokens), so with several methods that part of each window runs once,
     under vanilla, and each method continues from a copy of its key/value cache (the baseline reuses it as its
     first piece). The scores are those of one forward per method up to float rounding; the cost is the cache
     of the shared tokens and of each method's continuation. ``False`` runs every method from the first token

@@ -86,9 +86,10 @@ class Policy:
         )
 
     def vanilla_prefix(self, train_length: int) -> int:
-        """How many leading positions this policy attends exactly as vanilla does: below its window every query
-        sees every earlier key at its true distance (the distance limit and top-k act only on keys beyond the
-        window). :data:`EVERY_KEY` for a policy without a window, which never differs from vanilla."""
+        """How many leading positions this policy attends exactly as vanilla does: below its window every
+        query sees every earlier key at its true distance (the distance limit and top-k act only on keys
+        beyond the window). :data:`EVERY_KEY` for a policy without a window, which never differs from
+        vanilla."""
         resolved = self.resolve(train_length)
         return EVERY_KEY if resolved.window is None else resolved.window
 
