@@ -130,8 +130,11 @@ class _SharedPrefix:
     def __init__(self, model: PreTrainedModel, train_length: int):
         self.model = model
         self.train_length = train_length
+        self._restart()
+
+    def _restart(self) -> None:
         self.ids = torch.empty(0, dtype=torch.long)
-        self.cache = DynamicCache(config=model.config)
+        self.cache = DynamicCache(config=self.model.config)
 
     @property
     def length(self) -> int:
@@ -152,8 +155,7 @@ class _SharedPrefix:
     def reach(self, text: torch.LongTensor, length: int) -> None:
         """Hold the first ``length`` tokens of ``text`` (extend, or restart if it holds more or others)."""
         if length < self.length or not torch.equal(text[: self.length], self.ids):
-            self.ids = torch.empty(0, dtype=torch.long)
-            self.cache = DynamicCache(config=self.model.config)
+            self._restart()
         if length > self.length:
             self.extend(text, length)
 

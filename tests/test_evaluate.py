@@ -238,11 +238,8 @@ def test_passkey_and_generation_give_the_same_answers_with_a_shared_prefix(llama
                 llama.tokenizer,
                 _ids((2, 130)),
                 policies,
-                milestones=[
-                    100,
-                    20,
-                    60,
-                ],  # the rows keep this order; the shared prefix grows in ascending order
+                # the rows keep this order; the shared prefix grows in ascending order
+                milestones=[100, 20, 60],
                 new_tokens=6,
                 train_length=TINY_TRAIN_LENGTH,
                 share_prefix=share,
