@@ -21,8 +21,9 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from oodlens import plotting
-from oodlens.data import load_corpus, token_windows
+from oodlens.data import DEFAULT_CORPUS, load_corpus, token_windows
 from oodlens.models import LoadedModel, load_model
+from oodlens.storage import atomic_path, write_json
 
 REPO = Path(__file__).resolve().parent.parent
 QUICK_MODEL = "tiny:llama"
@@ -146,7 +147,7 @@ def windows(settings: Settings, length: int):
     """``[settings.windows, length]`` token windows of the embedded python-docs corpus."""
     loaded = model(settings)
     return token_windows(
-        load_corpus("python-docs"),
+        load_corpus(DEFAULT_CORPUS),
         loaded.tokenizer,
         length,
         n_windows=settings.windows,
@@ -156,9 +157,8 @@ def windows(settings: Settings, length: int):
 
 
 def _write_frame(frame: pd.DataFrame, path: Path) -> None:
-    partial = path.with_suffix(".partial")
-    frame.to_parquet(partial)
-    partial.replace(path)
+    with atomic_path(path) as partial:
+        frame.to_parquet(partial)
 
 
 def cached(
@@ -194,7 +194,7 @@ def cached(
     result = compute()
     folder.mkdir(parents=True, exist_ok=True)
     write(result, stored)
-    header.write_text(json.dumps(params, indent=2))
+    write_json(header, params)
     return result
 
 

@@ -21,20 +21,16 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common
+import pandas as pd
+import torch
 
-import common  # noqa: E402
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-
-from oodlens import plotting  # noqa: E402
-from oodlens.data import corpus_tokens, load_corpus  # noqa: E402
-from oodlens.evaluate import cycle_tokens  # noqa: E402
-from oodlens.memory import reset_peak_memory, resident_gib  # noqa: E402
-from oodlens.policies import native_or_policy  # noqa: E402
+from oodlens import plotting
+from oodlens.data import corpus_tokens, load_corpus
+from oodlens.evaluate import cycle_tokens
+from oodlens.memory import reset_peak_memory, resident_gib
+from oodlens.policies import native_or_policy
 
 
 def add_arguments(parser) -> None:
@@ -50,7 +46,7 @@ def one_case(settings: common.Settings, method: str, length: int) -> dict:
     if settings.extra.threads:
         torch.set_num_threads(settings.extra.threads)
     loaded = common.model(settings)
-    stream = corpus_tokens(load_corpus("python-docs"), loaded.tokenizer)
+    stream = corpus_tokens(load_corpus(), loaded.tokenizer)
     # timing does not depend on the text: past the corpus's ~113k tokens it is repeated end to end
     ids = torch.cat(list(cycle_tokens(stream, length)))[None]
     # the baseline is the model as loaded (its own SDPA attention), not the engine running vanilla
@@ -109,28 +105,13 @@ def table(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def figure(frame: pd.DataFrame, train_length: int):
-    with plotting.style():
-        fig, (time_ax, memory_ax) = plt.subplots(1, 2, figsize=(7, 2.8), constrained_layout=True)
-        for method, rows in frame.groupby("method"):
-            color = plotting.method_color(method)
-            time_ax.plot(rows.length, rows.ms_per_token, "o-", color=color, label=method)
-            memory_ax.plot(rows.length, rows.peak_gib, "o-", color=color, label=method)
-        for ax, label in ((time_ax, "time per token (ms)"), (memory_ax, "peak memory (GiB)")):
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("sequence length (tokens)")
-            ax.set_ylabel(label)
-            ax.axvline(train_length, color="0.4", ls="--", lw=1, label="pretraining length")
-        time_ax.legend(frameon=False)
-    return fig
-
-
 def _more_repeats(stored: dict, asked: dict) -> bool:
     """Timings with at least the asked number of runs per case answer the question too."""
     rest = {key: value for key, value in stored.items() if key != "repeats"}
-    return rest == {key: value for key, value in asked.items() if key != "repeats"} and stored.get(
-        "repeats", 1
-    ) >= asked["repeats"]
+    return (
+        rest == {key: value for key, value in asked.items() if key != "repeats"}
+        and stored.get("repeats", 1) >= asked["repeats"]
+    )
 
 
 def run(argv: list[str] | None = None) -> pd.DataFrame:
@@ -160,7 +141,7 @@ def run(argv: list[str] | None = None) -> pd.DataFrame:
     result = table(frame)
     common.print_table("one forward pass", result)
     if len(lengths) > 1:
-        common.save(settings, figure(result, train), "efficiency")
+        common.save(settings, plotting.plot_efficiency(result, train), "efficiency")
     return result
 
 

@@ -10,17 +10,12 @@ position for several layers. Each panel overlays vanilla ("before") and LM-Infin
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import common
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402
-
-from oodlens import plotting  # noqa: E402
-from oodlens.capture import CaptureConfig, Diagnosis, diagnose  # noqa: E402
-from oodlens.policies import lm_infinite, vanilla  # noqa: E402
-from oodlens.theory import check_theory  # noqa: E402
+from oodlens import plotting
+from oodlens.capture import CaptureConfig, Diagnosis, diagnose
+from oodlens.policies import lm_infinite, vanilla
+from oodlens.theory import check_theory
 
 
 def add_arguments(parser) -> None:

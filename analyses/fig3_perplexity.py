@@ -11,18 +11,13 @@ LM-Infinite / baseline (goal ≤ 1.10), and vanilla's ratio past 1.5 L (goal > 1
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import common
+import numpy as np
+import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from oodlens import plotting  # noqa: E402
-from oodlens.evaluate import TRUNCATED_BASELINE, PerplexityResult, perplexity_by_position  # noqa: E402
-from oodlens.policies import lm_infinite, vanilla  # noqa: E402
+from oodlens import plotting
+from oodlens.evaluate import TRUNCATED_BASELINE, PerplexityResult, perplexity_by_position
+from oodlens.policies import lm_infinite, vanilla
 
 
 def add_arguments(parser) -> None:

@@ -9,17 +9,12 @@ same windows; only the full method should stay flat beyond the pretraining lengt
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import common
+import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from oodlens import plotting  # noqa: E402
-from oodlens.evaluate import PerplexityResult, perplexity_by_position  # noqa: E402
-from oodlens.policies import POLICIES, policy_by_name  # noqa: E402
+from oodlens import plotting
+from oodlens.evaluate import PerplexityResult, perplexity_by_position
+from oodlens.policies import POLICIES, policy_by_name
 
 
 def add_arguments(parser) -> None:

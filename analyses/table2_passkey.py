@@ -8,17 +8,12 @@ with its top-k middle tokens (k = 5 from layer 4, as the paper uses for retrieva
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import common
+import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from oodlens import plotting  # noqa: E402
-from oodlens.evaluate import PasskeyResult, passkey_retrieval  # noqa: E402
-from oodlens.policies import lm_infinite, vanilla  # noqa: E402
+from oodlens import plotting
+from oodlens.evaluate import PasskeyResult, passkey_retrieval
+from oodlens.policies import lm_infinite, vanilla
 
 
 def add_arguments(parser) -> None:

@@ -20,7 +20,8 @@ from oodlens.data import corpus_tokens, load_corpus
 from oodlens.evaluate import cycle_tokens
 from oodlens.memory import reset_peak_memory, resident_gib
 from oodlens.models import load_model
-from oodlens.policies import POLICIES, attention_modules, native_or_policy
+from oodlens.models import attention_modules
+from oodlens.policies import POLICIES, native_or_policy
 
 
 def _recorder(rows: list, point: str):
@@ -33,7 +34,7 @@ def _recorder(rows: list, point: str):
 def trace(model_name: str, method: str, length: int) -> list[tuple[str, float, float]]:
     """``(point, resident GiB, peak GiB)`` after each layer's attention and MLP of one forward."""
     loaded = load_model(model_name)
-    ids = torch.cat(list(cycle_tokens(corpus_tokens(load_corpus("python-docs"), loaded.tokenizer), length)))
+    ids = torch.cat(list(cycle_tokens(corpus_tokens(load_corpus(), loaded.tokenizer), length)))
     rows: list[tuple[str, float, float]] = []
     handles = []
     for index, attention in enumerate(attention_modules(loaded.model)):

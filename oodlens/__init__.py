@@ -1,7 +1,23 @@
-"""oodlens: see why language models break beyond their training length, and fix it on the fly (LM-Infinite)."""
+"""oodlens: see why language models break beyond their training length, and fix it on the fly.
 
+The public API, flat::
+
+    import oodlens
+    loaded = oodlens.load_model("smollm2")
+    before = oodlens.diagnose(loaded.model, ids)                       # the three factors, vanilla
+    after = oodlens.diagnose(loaded.model, ids, oodlens.lm_infinite())  # the same under the fix
+    oodlens.plotting.plot_entropy_by_position({"before": before, "after": after})
+
+Subpackages (``oodlens.evaluate``, ``oodlens.plotting``, ``oodlens.probe``) load on first use, so
+``import oodlens`` stays quick.
+"""
+
+import importlib
+from typing import Any
+
+from .capture import CaptureConfig, Diagnosis, capture, diagnose
 from .errors import OodlensError
-from .models import load_model
+from .models import LoadedModel, ModelInfo, load_model
 from .policies import (
     POLICIES,
     Policy,
@@ -15,20 +31,42 @@ from .policies import (
     vanilla,
     window,
 )
+from .theory import check_theory
+
+__version__ = "0.1.0"
+
+_LAZY_SUBPACKAGES = ("evaluate", "plotting", "probe")
+
+
+def __getattr__(name: str) -> Any:
+    """``oodlens.evaluate``, ``oodlens.plotting`` and ``oodlens.probe``, imported on first access."""
+    if name in _LAZY_SUBPACKAGES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'oodlens' has no attribute {name!r}")
+
 
 __all__ = [
-    "OodlensError",
     "POLICIES",
-    "load_model",
+    "CaptureConfig",
+    "Diagnosis",
+    "LoadedModel",
+    "ModelInfo",
+    "OodlensError",
     "Policy",
     "PolicyHandle",
     "apply_lm_infinite",
     "apply_policy",
+    "capture",
+    "check_theory",
+    "diagnose",
     "distance_limit",
+    "evaluate",
     "lambda_mask",
     "lm_infinite",
+    "load_model",
+    "plotting",
     "policy_by_name",
+    "probe",
     "vanilla",
     "window",
 ]
-__version__ = "0.1.0"

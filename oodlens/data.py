@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from oodlens.errors import OodlensError
+from .errors import OodlensError
 
 DEFAULT_CORPUS = "python-docs"
 TEXT_SUFFIXES = frozenset({".txt", ".md", ".rst", ".text"})
@@ -186,12 +186,12 @@ def passkey_prompt(tokenizer: Any, length: int, depth: float, seed: int = 0) -> 
     )
 
 
-# Tokenised corpora by (corpus name, tokenizer identity, content digest); a few entries at most, since one
 def corpus_tokens(corpus: Corpus, tokenizer: Any) -> torch.LongTensor:
     """The whole corpus as one token stream ``[N]`` (documents joined as in ``token_windows``)."""
     return torch.from_numpy(_joined(_tokenized_documents(corpus, tokenizer), _separator_ids(tokenizer)))
 
 
+# Tokenised corpora by (corpus name, tokenizer identity, content digest); a few entries at most, since one
 # run uses one or two corpora and a large corpus holds many millions of ids.
 _TOKEN_CACHE: dict[tuple[str, ...], list[np.ndarray]] = {}
 _TOKEN_CACHE_ENTRIES = 4

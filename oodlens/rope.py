@@ -14,13 +14,13 @@ first ``rotary_dim`` channels.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .errors import OodlensError
+from .models.anatomy import interleaved_pairs, layer_type, rotary_module
 
 
 @dataclass
@@ -94,30 +94,9 @@ class RotarySpec:
         return self._apply(x, cos, sin)
 
 
-def interleaved_pairs(attention: nn.Module) -> bool:
-    """Whether the family of ``attention`` rotates neighbouring channels (GPT-J, CodeGen, Cohere, GLM).
-
-    Asked of the family's own helper rather than a list of names: its ``rotate_every_two`` or ``rotate_half``
-    is applied to ``[1, 2, 3, 4]``; the half-split layout gives ``[-3, -4, 1, 2]``, the interleaved one
-    ``[-2, 1, -4, 3]``.
-    """
-    modeling = sys.modules.get(type(attention).__module__)
-    rotate = getattr(modeling, "rotate_every_two", None) or getattr(modeling, "rotate_half", None)
-    if rotate is None:
-        return False
-    probe = torch.arange(1.0, 5.0).reshape(1, 1, 1, 4)
-    return rotate(probe).flatten().tolist() == [-2.0, 1.0, -4.0, 3.0]
-
-
 def _gptj_style_inv_freq(rotary: nn.Module) -> torch.Tensor:
     dim = rotary.pos_embd_dim
     return 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.int64) / dim))
-
-
-def find_rotary_module(model: nn.Module) -> nn.Module | None:
-    """The model-level rotary-embedding module, or None when the model has no RoPE."""
-    candidates = [m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")]
-    return candidates[0] if candidates else None
 
 
 def rotary_spec_for(model: nn.Module, attention: nn.Module) -> RotarySpec:
@@ -126,21 +105,15 @@ def rotary_spec_for(model: nn.Module, attention: nn.Module) -> RotarySpec:
     Raises:
         OodlensError: when the model does not use rotary position embeddings.
     """
-    own = getattr(attention, "rotary_emb", None)
-    rotary = own if isinstance(own, nn.Module) else find_rotary_module(model)
+    rotary = rotary_module(model, attention)
     if rotary is None:
         raise OodlensError(
             f"{type(model).__name__} has no rotary position embedding; the distance limit needs RoPE "
             "(use a RoPE model such as Llama, Mistral, Qwen, Gemma, Phi3, GPT-NeoX or GPT-J)"
         )
     interleaved = interleaved_pairs(attention)
-    layer_type = getattr(attention, "layer_type", None)
-    if layer_type is None:
-        layer_types = getattr(getattr(attention, "config", None), "layer_types", None)
-        layer_idx = getattr(attention, "layer_idx", None)
-        if layer_types is not None and layer_idx is not None:
-            layer_type = layer_types[layer_idx]
-    for attr in (f"{layer_type}_inv_freq", "inv_freq"):
+    kind = layer_type(attention)
+    for attr in (f"{kind}_inv_freq", "inv_freq"):
         if isinstance(getattr(rotary, attr, None), torch.Tensor):
             return RotarySpec(rotary, attr, interleaved)
     if hasattr(rotary, "embed_positions") and hasattr(rotary, "pos_embd_dim"):

@@ -10,8 +10,7 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-ANALYSES = Path(__file__).resolve().parent.parent / "analyses"
-sys.path.insert(0, str(ANALYSES))
+ANALYSES = Path(__file__).resolve().parent.parent / "analyses"  # on sys.path through pytest's pythonpath
 
 EXPECTED = {
     "fig1_three_factors": ["fig1a_logits_by_distance", "fig1b_entropy_by_position", "fig1c_hidden_pca"],

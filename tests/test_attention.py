@@ -215,7 +215,7 @@ def test_bad_lengths_are_rejected():
 
 
 def test_broken_fused_kernel_falls_back_to_reference(monkeypatch):
-    from oodlens import attention
+    from oodlens.attention import kernels
 
     model = tiny_model("llama").model.to(DEVICE)
     ids = _ids(model)
@@ -225,8 +225,8 @@ def test_broken_fused_kernel_falls_back_to_reference(monkeypatch):
         def broken(*args, **kwargs):
             raise RuntimeError("operator signature changed")
 
-        monkeypatch.setattr(attention, "_segment_fused", broken)
-        monkeypatch.setattr(attention, "_FUSED_VERIFIED", {})
+        monkeypatch.setattr(kernels, "_segment_fused", broken)
+        monkeypatch.setattr(kernels, "_FUSED_VERIFIED", {})
         with pytest.warns(UserWarning, match="reference kernel"):
             got = model(ids).logits
     assert (got - expected).abs().max().item() < TOL

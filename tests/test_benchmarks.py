@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from memory_trace import trace  # benchmarks/ is on sys.path through pytest's pythonpath
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
 @pytest.mark.parametrize("method", ["vanilla", "lm-infinite"])
 def test_memory_trace_rows(method):
-    from memory_trace import trace
-
     rows = trace("tiny:llama", method, 200)
     points = [point for point, _, _ in rows]
     assert points[0] == "start"

@@ -140,7 +140,7 @@ def test_statistics_match_dense_reference(family, policy_name):
     ids = _ids(model)
     unit_edges = list(range(LENGTH + 1))  # one bin per distance and per position: values compare directly
     config = CaptureConfig(
-        query_stride=1, distance_edges=unit_edges, position_edges=unit_edges, sink_tokens=SINKS
+        query_stride=1, distance_edges=unit_edges, position_edges=unit_edges, n_global=SINKS
     )
     got = diagnose(model, ids, _policy(policy_name), config=config, train_length=TRAIN)
     reference = reference_rows(model, ids, policy_name)
@@ -364,9 +364,9 @@ def test_position_probe_separates_a_planted_start_cluster():
     vectors = generator.normal(scale=0.1, size=(300, 8)).astype(np.float32)
     vectors[positions < 4, 0] += 10.0
     vectors[:, 1] += np.log1p(positions)  # and log-position is linearly readable
-    scores = position_probe({0: (positions, vectors)}, start_tokens=4, seed=0).set_index("metric")["score"]
+    scores = position_probe({0: (positions, vectors)}, n_global=4, seed=0).set_index("metric")["score"]
     assert scores["roc_auc"] == 1.0 and scores["balanced_accuracy"] == 1.0 and scores["r2"] > 0.9
-    lonely = position_probe({0: (np.arange(50), vectors[:50])}, start_tokens=1, seed=0).set_index("metric")
+    lonely = position_probe({0: (np.arange(50), vectors[:50])}, n_global=1, seed=0).set_index("metric")
     assert np.isnan(lonely.loc["roc_auc", "score"]) and np.isfinite(lonely.loc["r2", "score"])
 
 

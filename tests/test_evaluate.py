@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from oodlens import evaluate
+from oodlens.evaluate import generation
 from oodlens.errors import OodlensError
 from oodlens.policies import (
     EVERY_KEY,
@@ -255,13 +256,13 @@ def test_passkey_and_generation_give_the_same_answers_with_a_shared_prefix(llama
 
 
 def test_a_policy_that_attends_as_vanilla_over_prompt_and_answer_gives_vanillas_answer(llama, monkeypatch):
-    greedy, prompts_run = evaluate._greedy, []
+    greedy, prompts_run = generation.greedy, []
 
     def counting(model, handle, prompt, *args):
         prompts_run.append((handle.policy.name, len(prompt)))
         return greedy(model, handle, prompt, *args)
 
-    monkeypatch.setattr(evaluate, "_greedy", counting)
+    monkeypatch.setattr(generation, "greedy", counting)
     windows = _ids((1, 80))
     result = evaluate.generation_quality(
         llama.model,
@@ -321,7 +322,7 @@ def test_passkey_retrieval_rows_and_accuracy(llama, monkeypatch):
         key = text.split("The pass key is ")[1][:5] if "The pass key is " in text else "00000"
         return torch.tensor(llama.tokenizer(f" {key}.", add_special_tokens=False)["input_ids"])
 
-    monkeypatch.setattr(evaluate, "_greedy", answer_from_prompt)
+    monkeypatch.setattr(generation, "greedy", answer_from_prompt)
     result = evaluate.passkey_retrieval(
         llama.model,
         llama.tokenizer,
@@ -344,13 +345,13 @@ def test_passkey_retrieval_rows_and_accuracy(llama, monkeypatch):
 
 
 def test_truncated_baseline_of_a_prompt_that_fits_is_not_generated_twice(llama, monkeypatch):
-    greedy, prompts_run = evaluate._greedy, []
+    greedy, prompts_run = generation.greedy, []
 
     def counting(model, handle, prompt, *args):
         prompts_run.append(len(prompt))
         return greedy(model, handle, prompt, *args)
 
-    monkeypatch.setattr(evaluate, "_greedy", counting)
+    monkeypatch.setattr(generation, "greedy", counting)
     result = evaluate.passkey_retrieval(
         llama.model,
         llama.tokenizer,

@@ -8,7 +8,8 @@ import shutil
 import pytest
 import torch
 
-from oodlens import attention, kernel
+from oodlens.attention import kernels
+from oodlens.attention import cpu_kernel as kernel
 from oodlens.capture import CaptureConfig, diagnose
 from oodlens.policies import lm_infinite
 from oodlens.tiny import tiny_model
@@ -149,9 +150,9 @@ def test_build_failure_warns_once_and_falls_back(monkeypatch) -> None:
         assert kernel.compiled() is None  # remembered: no second warning, no second build
     finally:
         kernel.compiled.cache_clear()
-    seg = attention.Segment(slice(0, 8), *torch.randn(3, 1, 2, 8, 16), "causal")
+    seg = kernels.Segment(slice(0, 8), *torch.randn(3, 1, 2, 8, 16), "causal")
     monkeypatch.setattr(kernel, "compiled", lambda: None)
-    fused = attention.run_segment(seg, 0.25, None, True)  # the portable path still gives the mean logit
+    fused = kernels.run_segment(seg, 0.25, None, True)  # the portable path still gives the mean logit
     _, lse, mean = dense_reference(seg.queries, seg.keys, seg.values, "causal", 0.25)
     torch.testing.assert_close(fused.mean_logit.double(), mean, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fused.lse.double(), lse, rtol=1e-5, atol=1e-5)

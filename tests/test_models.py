@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, BloomConfig, OPTConfig
 
 from oodlens import models
+from oodlens.models import gguf as gguf_loading
 from oodlens.errors import OodlensError
 from oodlens.models import (
     GGUF_CACHE_COMPLETE,
@@ -239,9 +240,9 @@ def test_dtype_applies_to_loaded_model() -> None:
 
 @pytest.mark.parametrize("train_length", [0, -8])
 def test_non_positive_train_length(train_length: int) -> None:
-    with pytest.raises(OodlensError, match="train_length must be a positive"):
+    with pytest.raises(OodlensError, match="train_length must be an integer ≥ 2"):
         load_model("tiny:llama", train_length=train_length)
-    with pytest.raises(OodlensError, match="train_length must be a positive"):
+    with pytest.raises(OodlensError, match="train_length must be an integer ≥ 2"):
         model_info(tiny_model("llama").model, train_length=train_length)
 
 
@@ -305,7 +306,7 @@ def gguf_read_by_a_tiny_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         reads.append(tiny.model)
         return tiny.model, tiny.tokenizer
 
-    monkeypatch.setattr(models, "_read_gguf", read)
+    monkeypatch.setattr(gguf_loading, "_read_gguf", read)
     return source, reads
 
 

@@ -349,7 +349,7 @@ def test_hidden_norm_rows_are_metrics_columns_layers(tmp_path):
 
 
 def test_hidden_pca_single_and_before_after(tmp_path):
-    fig = plotting.plot_hidden_pca(hidden_samples(), first_tokens=5)
+    fig = plotting.plot_hidden_pca(hidden_samples(), n_global=5)
     panels = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
     assert [ax.get_title() for ax in panels] == ["layer 0", "layer 1"]
     assert all(len(ax.collections) == 2 for ax in panels)  # all points, then the first tokens on top
@@ -369,7 +369,7 @@ def test_hidden_pca_reads_objects_and_subsamples():
         def hidden_samples(self, layer):
             return hidden_samples()[layer]
 
-    fig = plotting.plot_hidden_pca(Diagnosis(), max_points=100, first_tokens=5)
+    fig = plotting.plot_hidden_pca(Diagnosis(), max_points=100, n_global=5)
     (panel,) = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
     assert sum(len(c.get_offsets()) for c in panel.collections) == 100
     assert len(panel.collections[1].get_offsets()) == 10  # the first tokens are always kept

@@ -7,7 +7,9 @@ import json
 import matplotlib.image
 import pytest
 
-from oodlens import probe, report
+from oodlens import probe
+from oodlens.evaluate import budget
+from oodlens.probe import report
 
 TINY_RUN = ["--length", "400", "--new-tokens", "8", "--no-progress", "--bucket", "64"]
 
@@ -79,13 +81,19 @@ def test_saved_diagnosis_loads(probe_folder):
     assert not diagnosis.logits_by_distance().empty
 
 
-def test_existing_folder_needs_overwrite(tmp_path, capsys):
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "keep.txt").write_text("precious")
+def test_an_earlier_report_needs_overwrite_and_other_folders_are_never_replaced(tmp_path, capsys):
     code, out = run_cli(tmp_path, "--no-passkey", "--no-generation")
-    assert code == 2
-    assert "--overwrite" in capsys.readouterr().err
-    assert (out / "keep.txt").read_text() == "precious"
+    assert code == 0
+    code, out = run_cli(tmp_path, "--no-passkey", "--no-generation")
+    assert code == 2 and "--overwrite" in capsys.readouterr().err
+    assert run_cli(tmp_path, "--no-passkey", "--no-generation", "--overwrite")[0] == 0
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "keep.txt").write_text("precious")
+    for extra in ([], ["--overwrite"]):
+        code, _ = run_cli(tmp_path, "--no-passkey", "--no-generation", *extra, name="notes")
+        assert code == 2 and "was not written by oodlens" in capsys.readouterr().err
+        assert (notes / "keep.txt").read_text() == "precious"
 
 
 def test_interrupted_report_leaves_nothing_half_written(tmp_path, monkeypatch):
@@ -102,7 +110,7 @@ def test_interrupted_report_leaves_nothing_half_written(tmp_path, monkeypatch):
     "extra, message",
     [
         (["--methods", "vanilla,streaming"], "unknown method"),
-        (["--length", "0"], "positive"),
+        (["--length", "0"], "--length must be an integer ≥ 2"),
         (["--length", "999999999"], "tokens in its longest"),
         (["--device", "cuda"], "CUDA"),
         (["--passkey-depths", "1.5"], "depths"),
@@ -149,7 +157,7 @@ def test_length_within_training_warns(tmp_path):
 
 
 def test_memory_estimate_refuses_impossible_requests(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(probe, "_available_memory", lambda device: 2**20)
+    monkeypatch.setattr(budget, "available_memory", lambda device: 2**20)
     code, _ = run_cli(tmp_path, "--no-passkey")
     err = capsys.readouterr().err
     assert code == 2 and "try --length" in err
@@ -160,9 +168,57 @@ def test_smollm2_short_probe(tmp_path, smollm2):
     config = probe.ProbeConfig(
         length=1024, train_length=512, passkey_lengths=(1024,), new_tokens=16, progress=False
     )
-    result = probe.run_probe(config, loaded=smollm2, log=lambda message: None)
+    result = probe.run_probe(config, loaded=smollm2)
     folder = report.write_report(result, tmp_path / "smollm2")
     summary = json.loads((folder / "summary.json").read_text())
     within = summary["methods"]["vanilla"]["ppl_within_train_length"]
     assert 1.0 < within < 30.0  # real English prose under a real model
     assert summary["methods"]["lm-infinite"]["ppl_beyond_train_length"] is not None
+
+
+def test_every_config_field_is_an_option_with_its_help():
+    from dataclasses import fields
+
+    parser = probe.build_parser()
+    options = {action.dest: action for action in parser._actions}
+    for spec in fields(probe.ProbeConfig):
+        action = options[spec.name]
+        assert action.help.startswith(spec.metadata["help"])
+        assert action.help.count("(default") <= 1 and "(default: None)" not in action.help
+    assert probe.build_parser().parse_args([]).length is None
+
+
+def test_config_file_runs_the_same_probe_and_options_win(tmp_path):
+    from oodlens.probe.cli import parse_args
+
+    settings = {"model": "tiny:llama", "length": 400, "methods": ["vanilla", "window"], "passkey": False}
+    (tmp_path / "run.json").write_text(json.dumps(settings))
+    (tmp_path / "run.yaml").write_text(
+        "model: tiny:llama\nlength: 400\nmethods: [vanilla, window]\npasskey: false\n"
+    )
+    flags = ["--model", "tiny:llama", "--length", "400", "--methods", "vanilla,window", "--no-passkey"]
+    expected, _ = parse_args(flags)
+    for name in ("run.json", "run.yaml"):
+        from_file, _ = parse_args(["--config", str(tmp_path / name)])
+        assert from_file == expected
+    overridden, _ = parse_args(["--config", str(tmp_path / "run.json"), "--length", "300"])
+    assert overridden.length == 300 and overridden.methods == ("vanilla", "window")
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [('{"lenght": 400}', "unknown option 'lenght'"), ("[1, 2]", "mapping"), ("{", "not valid")],
+)
+def test_bad_config_file_is_one_line(tmp_path, capsys, content, message):
+    (tmp_path / "run.json").write_text(content)
+    code = probe.main(["--config", str(tmp_path / "run.json"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1
+
+
+def test_options_are_checked_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    from oodlens.probe import run
+
+    monkeypatch.setattr(run, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    code, _ = run_cli(tmp_path, "--methods", "vanilla,streaming")
+    assert code == 2 and "unknown method 'streaming'" in capsys.readouterr().err

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from oodlens import models
+from oodlens.models import gguf
 from oodlens.models import LoadedModel, ModelInfo, load_model, smollm2_gguf_path
 
 pytestmark = pytest.mark.slow
@@ -49,11 +49,11 @@ def test_converted_copy_equals_the_gguf(
     smollm2: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("OODLENS_CACHE", str(tmp_path))
-    read = models._read_gguf
+    read = gguf._read_gguf
     reads = []
-    monkeypatch.setattr(models, "_read_gguf", lambda *args: reads.append(read(*args)) or reads[-1])
+    monkeypatch.setattr(gguf, "_read_gguf", lambda *args: reads.append(read(*args)) or reads[-1])
     copy = load_model("smollm2", device="cpu")  # reads the GGUF, writes the copy, loads the copy
-    (from_gguf, gguf_tokenizer), = reads
+    ((from_gguf, gguf_tokenizer),) = reads
     weights, copied = from_gguf.state_dict(), copy.model.state_dict()
     assert weights.keys() == copied.keys()
     assert all(torch.equal(weights[name], copied[name]) for name in weights)

@@ -1,0 +1,328 @@
+"""Greedy generation under a policy: passkey retrieval (the paper's Table 2) and generation quality after
+long context (Table 3). Windowed policies decode with the bounded cache, so memory stays flat."""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from transformers import PreTrainedModel
+
+from ..data import passkey_prompt
+from ..errors import OodlensError
+from ..models import train_length_of
+from ..policies import Policy, PolicyHandle, apply_policy, vanilla
+from .prefix import SharedPrefix
+from .scoring import Method, cache_kwargs, inference, methods_of, new_cache, progress_bar
+
+FIRST_NUMBER = re.compile(r"\d+")
+
+
+def generate_greedy(
+    model: PreTrainedModel,
+    prompt: torch.LongTensor,
+    max_new_tokens: int,
+    *,
+    cache: Any = None,
+    pad_token_id: int | None = None,
+) -> torch.LongTensor:
+    """The ``≤ max_new_tokens`` ids ``model.generate`` picks greedily after ``prompt [T]``, decoding into
+    ``cache`` (``None``: transformers' dynamic cache; a policy handle's ``new_cache()`` for constant memory),
+    with the cache keyword this transformers version accepts."""
+    device = model.get_output_embeddings().weight.device
+    ids = prompt.reshape(-1).to(device)[None]
+    with inference(model):
+        output = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad_token_id,
+            **(cache_kwargs(model, cache) if cache is not None else {}),
+        )
+    return output[0, ids.shape[1] :].cpu()
+
+
+def greedy(
+    model: PreTrainedModel,
+    handle: PolicyHandle,
+    prompt: torch.LongTensor,
+    max_new_tokens: int,
+    pad_token_id: int | None,
+    prefix: SharedPrefix | None = None,
+) -> torch.LongTensor:
+    """:func:`generate_greedy` under the applied policy, continuing from ``prefix`` when the prompt begins
+    with it; windowed policies decode with the bounded cache, so memory stays flat however long the prompt."""
+    continues = prefix is not None and prefix.begins(prompt)
+    cache = prefix.cache_for(handle) if continues else new_cache(model, handle)
+    return generate_greedy(model, prompt, max_new_tokens, cache=cache, pad_token_id=pad_token_id)
+
+
+def _answer_key(policy: Policy, prompt: torch.LongTensor, max_new_tokens: int, train_length: int) -> tuple:
+    """What a greedy answer depends on: the prompt, and the policy unless it attends as vanilla over every
+    position that predicts a token (then its answer is vanilla's, e.g. LM-Infinite on a prompt that fits in
+    its window, or the truncated baseline of such a prompt)."""
+    last_query = prompt.numel() + max_new_tokens - 2
+    as_vanilla = last_query < policy.vanilla_prefix(train_length)
+    return (vanilla() if as_vanilla else policy, tuple(prompt.tolist()))
+
+
+def greedy_jobs(
+    model: PreTrainedModel,
+    jobs: Sequence[tuple[Method, torch.LongTensor]],
+    text: torch.LongTensor,
+    prefix: SharedPrefix | None,
+    max_new_tokens: int,
+    pad_token_id: int | None,
+    train_length: int,
+    answers: dict[tuple, torch.LongTensor],
+) -> list[torch.LongTensor]:
+    """The greedy answer to each ``(method, prompt)`` job, memoised in ``answers`` (see :func:`_answer_key`).
+
+    With a ``prefix``, the jobs to run whose prompts begin ``text [T]`` first share its longest start on which
+    they all attend as vanilla (``prefix`` is extended to it, or restarted if it holds more).
+    """
+    keys = [_answer_key(method.policy, ids, max_new_tokens, train_length) for method, ids in jobs]
+    todo: dict[tuple, tuple[Method, torch.LongTensor]] = {}
+    for key, job in zip(keys, jobs, strict=True):
+        if key not in answers:
+            todo.setdefault(key, job)
+    starts = [(method, ids) for method, ids in todo.values() if torch.equal(ids, text[: ids.numel()])]
+    if prefix is not None and starts:
+        vanilla_until = [
+            min(method.policy.vanilla_prefix(train_length), ids.numel() - 1) for method, ids in starts
+        ]
+        prefix.reach(text, min(vanilla_until))
+    for key, (method, ids) in todo.items():
+        with apply_policy(model, method.policy, train_length=train_length) as handle:
+            answers[key] = greedy(model, handle, ids, max_new_tokens, pad_token_id, prefix)
+    return [answers[key] for key in keys]
+
+
+def pad_token_id_of(tokenizer: Any) -> int | None:
+    """The id generation pads with: the tokenizer's pad token, else its end-of-sequence token."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+# --------------------------------------------------------------------------------------------------------
+# 2. Passkey retrieval
+# --------------------------------------------------------------------------------------------------------
+
+
+def passkey_correct(generated: str, passkey: str) -> bool:
+    """Whether the first run of digits in ``generated`` is exactly ``passkey``.
+
+    Words before the number are allowed (``" The pass key is 12345"`` is correct, the model may repeat the
+    question); ``"12345."`` is correct; ``"1234"``, ``"123456"`` and ``"12 345"`` are wrong.
+    """
+    match = FIRST_NUMBER.search(generated)
+    return match is not None and match.group() == passkey
+
+
+def _passkey_seed(seed: int, length: int, depth: float, sample: int) -> int:
+    """A different key for every cell and sample, reproducible from ``seed``."""
+    return int(np.random.SeedSequence([seed, length, round(depth * 1_000_000), sample]).generate_state(1)[0])
+
+
+@dataclass
+class PasskeyResult:
+    """Passkey rows: ``{method, length, depth, sample, passkey, prompt_tokens, generated, correct}``.
+
+    ``length`` and ``depth`` are the requested cell; ``prompt_tokens`` is the prompt's real size (at most
+    ``length``; for :data:`TRUNCATED_BASELINE`, at most ``train_length``).
+    """
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dataframe(self) -> pd.DataFrame:
+        columns = ["method", "length", "depth", "sample", "passkey", "prompt_tokens", "generated", "correct"]
+        return pd.DataFrame(self.rows, columns=columns)
+
+    def accuracy(self, by_depth: bool = False) -> pd.DataFrame:
+        """Accuracy (fraction correct) and sample count ``n`` by (method, length[, depth])."""
+        keys = ["method", "length", "depth"] if by_depth else ["method", "length"]
+        table = self.to_dataframe().groupby(keys, sort=False)["correct"]
+        return table.agg(accuracy="mean", n="size").reset_index()
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """``{method: {str(length): accuracy}}``."""
+        summary: dict[str, dict[str, float]] = {}
+        for row in self.accuracy().itertuples():
+            summary.setdefault(row.method, {})[str(row.length)] = float(row.accuracy)
+        return summary
+
+
+def passkey_retrieval(
+    model: PreTrainedModel,
+    tokenizer: Any,
+    policies: Sequence[Policy],
+    *,
+    lengths: Sequence[int],
+    depths: Sequence[float] = (0.1, 0.5, 0.9),
+    samples_per_cell: int = 1,
+    train_length: int | None = None,
+    max_new_tokens: int = 8,
+    truncated_baseline: bool = True,
+    seed: int = 0,
+    share_prefix: bool = True,
+    progress: bool = True,
+) -> PasskeyResult:
+    """Greedy passkey retrieval for every (method, length, depth, sample), prompts from
+    :func:`oodlens.data.passkey_prompt`.
+
+    :data:`TRUNCATED_BASELINE` keeps only the last ``train_length`` prompt tokens (the question stays) and
+    runs vanilla. The paper's LM-Infinite passkey numbers use ``lm_infinite(top_k=5)``.
+
+    A method that attends as vanilla over the whole prompt and answer (e.g. LM-Infinite on a prompt that fits
+    in its window) gives vanilla's answer, which is generated once. ``share_prefix`` runs the start of each
+    prompt on which the methods attend as vanilla once (see :func:`perplexity_by_position`).
+    """
+    train_length = train_length_of(model, train_length)
+    if samples_per_cell < 1 or max_new_tokens < 1:
+        raise OodlensError("samples_per_cell and max_new_tokens must be ≥ 1")
+    methods = methods_of(policies, truncated_baseline)
+    cells = [
+        (length, depth, sample)
+        for length in lengths
+        for depth in depths
+        for sample in range(samples_per_cell)
+    ]
+    prompts = {
+        cell: passkey_prompt(tokenizer, cell[0], cell[1], seed=_passkey_seed(seed, *cell)) for cell in cells
+    }
+    result = PasskeyResult()
+    answers: dict[tuple, torch.LongTensor] = {}
+    pad_token_id = pad_token_id_of(tokenizer)
+    with inference(model), progress_bar(len(methods) * len(cells), progress, "prompt", "passkey") as bar:
+        for (length, depth, sample), prompt in prompts.items():
+            full = prompt.input_ids
+            jobs = [(method, full[-train_length:] if method.truncated else full) for method in methods]
+            prefix = SharedPrefix(model, train_length) if share_prefix else None
+            outputs = greedy_jobs(
+                model, jobs, full, prefix, max_new_tokens, pad_token_id, train_length, answers
+            )
+            for (method, ids), new_ids in zip(jobs, outputs, strict=True):
+                generated = tokenizer.decode(new_ids, skip_special_tokens=True)
+                result.rows.append(dict(
+                    method=method.name, length=length, depth=depth, sample=sample, passkey=prompt.passkey,
+                    prompt_tokens=len(ids), generated=generated,
+                    correct=passkey_correct(generated, prompt.passkey),
+                ))  # fmt: skip
+                bar.update()
+    order = {method.name: index for index, method in enumerate(methods)}
+    result.rows.sort(key=lambda row: order[row["method"]])  # stable: cells stay in their order
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------
+# 3. Generation quality (the paper's Table 3)
+# --------------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _rouge_scorer() -> Any:
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"])
+
+
+def continuation_scores(generated: str, reference: str) -> tuple[float, float]:
+    """(BLEU in [0, 100], ROUGE-L F1 in [0, 1]) of a generated continuation against the real one.
+
+    BLEU is sacrebleu's sentence BLEU (13a tokenisation, exponential smoothing, effective order); ROUGE-L is
+    rouge-score's ``rougeL`` F-measure (lower-cased alphanumeric tokens).
+    """
+    import sacrebleu
+
+    bleu = sacrebleu.sentence_bleu(generated, [reference]).score
+    rouge_l = _rouge_scorer().score(reference, generated)["rougeL"].fmeasure
+    return float(bleu), float(rouge_l)
+
+
+@dataclass
+class GenerationResult:
+    """Rows ``{method, window, milestone, bleu, rouge_l, generated, reference}``.
+
+    After the first ``milestone`` tokens of window number ``window``, ``generated`` is the model's greedy
+    continuation and ``reference`` the real next ``new_tokens`` tokens, both detokenised.
+    """
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dataframe(self) -> pd.DataFrame:
+        columns = ["method", "window", "milestone", "bleu", "rouge_l", "generated", "reference"]
+        return pd.DataFrame(self.rows, columns=columns)
+
+    def summary(self) -> dict[str, dict[str, dict[str, float]]]:
+        """``{method: {str(milestone): {"bleu": mean, "rouge_l": mean}}}`` (means over windows)."""
+        means = self.to_dataframe().groupby(["method", "milestone"], sort=False)[["bleu", "rouge_l"]].mean()
+        summary: dict[str, dict[str, dict[str, float]]] = {}
+        for (method, milestone), row in means.iterrows():
+            summary.setdefault(method, {})[str(milestone)] = {
+                "bleu": float(row.bleu),
+                "rouge_l": float(row.rouge_l),
+            }
+        return summary
+
+
+def generation_quality(
+    model: PreTrainedModel,
+    tokenizer: Any,
+    windows_or_tokens: torch.LongTensor,
+    policies: Sequence[Policy],
+    *,
+    milestones: Sequence[int],
+    new_tokens: int = 100,
+    train_length: int | None = None,
+    share_prefix: bool = True,
+    progress: bool = True,
+) -> GenerationResult:
+    """For each window of ``[n, T]`` (or one sequence ``[T]``) and milestone ``m``: generate ``new_tokens``
+    greedily after its first ``m`` tokens and score them against tokens ``[m, m + new_tokens)``.
+
+    Generation stops early at the end-of-sequence token, as the model would. A method that attends as vanilla
+    over the prompt and its continuation gives vanilla's continuation, generated once. ``share_prefix`` runs
+    the start of each window on which the methods attend as vanilla once, growing it from one milestone to the
+    next (see :func:`perplexity_by_position`).
+    """
+    train_length = train_length_of(model, train_length)
+    windows = windows_or_tokens[None] if windows_or_tokens.dim() == 1 else windows_or_tokens
+    too_long = [m for m in milestones if m < 1 or m + new_tokens > windows.shape[1]]
+    if too_long or not milestones:
+        raise OodlensError(
+            f"milestones must lie in [1, {windows.shape[1] - new_tokens}] so that {new_tokens} real tokens "
+            f"follow each one in windows of {windows.shape[1]} tokens; got {list(milestones)}"
+        )
+    methods = methods_of(policies, truncated_baseline=False)
+    result = GenerationResult()
+    pad_token_id = pad_token_id_of(tokenizer)
+    total = len(methods) * len(windows) * len(milestones)
+    with inference(model), progress_bar(total, progress, "continuation", "generation") as bar:
+        for index, window in enumerate(windows):
+            prefix = SharedPrefix(model, train_length) if share_prefix else None
+            answers: dict[tuple, torch.LongTensor] = {}
+            for milestone in sorted(milestones):  # ascending, so the shared prefix only grows
+                jobs = [(method, window[:milestone]) for method in methods]
+                outputs = greedy_jobs(
+                    model, jobs, window, prefix, new_tokens, pad_token_id, train_length, answers
+                )
+                real = window[milestone : milestone + new_tokens]
+                reference = tokenizer.decode(real, skip_special_tokens=True)
+                for method, new_ids in zip(methods, outputs, strict=True):
+                    generated = tokenizer.decode(new_ids, skip_special_tokens=True)
+                    bleu, rouge_l = continuation_scores(generated, reference)
+                    result.rows.append(dict(
+                        method=method.name, window=index, milestone=milestone, bleu=bleu, rouge_l=rouge_l,
+                        generated=generated, reference=reference,
+                    ))  # fmt: skip
+                    bar.update()
+    order = {method.name: index for index, method in enumerate(methods)}
+    position = {milestone: index for index, milestone in enumerate(milestones)}
+    result.rows.sort(key=lambda row: (order[row["method"]], row["window"], position[row["milestone"]]))
+    return result

@@ -1,0 +1,158 @@
+"""Perplexity by position (the paper's Fig. 3), every method on the same windows, with the content-matched
+truncated baseline."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from transformers import PreTrainedModel
+
+from ..errors import OodlensError
+from ..models import train_length_of
+from ..policies import Policy, apply_policy
+from .prefix import SharedPrefix, continued_nll, shared_length
+from .scoring import (
+    DEFAULT_CHUNK,
+    bucket_ranges,
+    finite_or_none,
+    inference,
+    methods_of,
+    perplexity_of,
+    progress_bar,
+    token_nll,
+    truncated_nll,
+)
+
+DEFAULT_BUCKET = 1024
+
+
+@dataclass
+class PerplexityResult:
+    """Per-position NLL of each method, averaged over windows.
+
+    Attributes:
+        token_nll: method → ``[length]`` float32 array, mean NLL over windows of the token at each position
+            (NaN at position 0, which nothing predicts).
+        train_length, length, n_windows, bucket: the run's settings.
+
+    ``to_dataframe()`` rows: ``{method, start, end, nll, ppl, n_tokens}`` per bucket ``[start, end)`` of
+    positions; ``nll`` is the mean NLL over the bucket's scored tokens, ``ppl = exp(nll)``, ``n_tokens`` the
+    number of scored tokens (positions × windows).
+    """
+
+    token_nll: dict[str, np.ndarray]
+    train_length: int
+    length: int
+    n_windows: int
+    bucket: int
+
+    def mean_nll(self, method: str, start: int = 1, end: int | None = None) -> float:
+        """Mean NLL of ``method`` over positions ``[start, end)`` (NaN when the range scores nothing)."""
+        values = self.token_nll[method][max(start, 1) : self.length if end is None else end]
+        return float(np.mean(values)) if values.size else math.nan
+
+    def ppl(self, method: str, start: int = 1, end: int | None = None) -> float:
+        """Perplexity of ``method`` over positions ``[start, end)``."""
+        return perplexity_of(self.mean_nll(method, start, end))
+
+    def to_dataframe(self) -> pd.DataFrame:
+        rows = []
+        for method in self.token_nll:
+            for start, end in bucket_ranges(self.length, self.bucket):
+                nll = self.mean_nll(method, start, end)
+                scored = end - max(start, 1)
+                if scored > 0:
+                    rows.append(
+                        dict(
+                            method=method,
+                            start=start,
+                            end=end,
+                            nll=nll,
+                            ppl=perplexity_of(nll),
+                            n_tokens=scored * self.n_windows,
+                        )
+                    )
+        return pd.DataFrame(rows, columns=["method", "start", "end", "nll", "ppl", "n_tokens"])
+
+    def summary(self) -> dict[str, Any]:
+        """``{train_length, length, n_windows, bucket, methods: {method: {buckets: [{start, end, ppl}],
+        ppl_within_train_length, ppl_beyond_train_length}}}``; non-finite perplexities are ``None``."""
+        table = self.to_dataframe()
+        methods = {}
+        for method, rows in table.groupby("method", sort=False):
+            within_end = min(self.train_length, self.length)
+            methods[method] = {
+                "buckets": [
+                    {"start": int(row.start), "end": int(row.end), "ppl": finite_or_none(row.ppl)}
+                    for row in rows.itertuples()
+                ],
+                "ppl_within_train_length": finite_or_none(self.ppl(method, 1, within_end)),
+                "ppl_beyond_train_length": finite_or_none(self.ppl(method, self.train_length, self.length)),
+            }
+        return {
+            "train_length": self.train_length,
+            "length": self.length,
+            "n_windows": self.n_windows,
+            "bucket": self.bucket,
+            "methods": methods,
+        }
+
+
+def perplexity_by_position(
+    model: PreTrainedModel,
+    windows: torch.LongTensor,
+    policies: Sequence[Policy],
+    *,
+    train_length: int | None = None,
+    bucket: int = DEFAULT_BUCKET,
+    chunk: int = DEFAULT_CHUNK,
+    truncated_baseline: bool = True,
+    share_prefix: bool = True,
+    progress: bool = True,
+) -> PerplexityResult:
+    """NLL of every position of ``windows [n, length]`` under each policy, one forward per window and method.
+
+    ``truncated_baseline`` adds :data:`TRUNCATED_BASELINE`: vanilla with at most ``train_length`` tokens of
+    context (see :func:`truncated_sequence_nll`), which scores the same tokens without ever leaving the
+    training distribution, so it separates "the fix works" from "later text is harder".
+
+    ``share_prefix``: every method attends as vanilla does below its window (for the usual methods, the
+    first ``train_length`` tokens), so with several methods that part of each window runs once,
+    under vanilla, and each method continues from a copy of its key/value cache (the baseline reuses it as its
+    first piece). The scores are those of one forward per method up to float rounding; the cost is the cache
+    of the shared tokens and of each method's continuation. ``False`` runs every method from the first token
+    without a cache.
+    """
+    train_length = train_length_of(model, train_length)
+    if windows.dim() != 2 or windows.shape[1] < 2:
+        raise OodlensError(
+            f"windows must be [n, length] token ids with length ≥ 2, got shape {tuple(windows.shape)}"
+        )
+    if bucket < 1 or chunk < 1:
+        raise OodlensError(f"bucket and chunk must be positive, got {bucket} and {chunk}")
+    methods = methods_of(policies, truncated_baseline)
+    shared = shared_length(methods, train_length, windows.shape[1] - 1) if share_prefix else 0
+    total = {method.name: torch.zeros(windows.shape[1]) for method in methods}
+    with inference(model), progress_bar(len(methods) * len(windows), progress, "window", "perplexity") as bar:
+        for ids in windows:
+            prefix = SharedPrefix(model, train_length)
+            prefix_nll = torch.full((ids.shape[0],), math.nan)
+            if shared:
+                hidden = prefix.extend(ids, shared)
+                targets = ids[1 : shared + 1].to(hidden.device)
+                prefix_nll[1 : shared + 1] = token_nll(model, hidden, targets, chunk).cpu()
+            for method in methods:
+                with apply_policy(model, method.policy, train_length=train_length) as handle:
+                    if method.truncated:
+                        total[method.name] += truncated_nll(model, ids, train_length, chunk, prefix_nll)
+                    else:
+                        total[method.name] += continued_nll(model, handle, ids, prefix, prefix_nll, chunk)
+                bar.update()
+    mean_nll = {name: (summed / len(windows)).numpy() for name, summed in total.items()}
+    return PerplexityResult(mean_nll, train_length, windows.shape[1], len(windows), bucket)

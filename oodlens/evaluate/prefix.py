@@ -1,0 +1,93 @@
+"""The shared prefix: the start of a sequence on which every method attends as vanilla does runs once, and
+each method continues from its own copy of the key/value cache."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from ..cache import continue_from
+from ..policies import PolicyHandle, apply_policy, vanilla
+from .scoring import Method, cache_kwargs, forward_hidden, new_cache, sequence_nll, token_nll
+
+
+class SharedPrefix:
+    """The first tokens of one sequence, run once under vanilla; every method that attends as vanilla does
+    over them continues from its own copy of this key/value cache instead of computing them again.
+
+    Below its window a policy *is* vanilla (see :meth:`~oodlens.policies.Policy.vanilla_prefix`), so for
+    the usual methods the first ``train_length`` tokens of every window are shared. The cache holds the keys
+    and values of ``length`` tokens in every layer while the methods run.
+    """
+
+    def __init__(self, model: PreTrainedModel, train_length: int):
+        self.model = model
+        self.train_length = train_length
+        self._restart()
+
+    def _restart(self) -> None:
+        self.ids = torch.empty(0, dtype=torch.long)
+        self.cache = DynamicCache(config=self.model.config)
+
+    @property
+    def length(self) -> int:
+        return self.ids.numel()
+
+    def extend(self, ids: torch.LongTensor, length: int) -> torch.Tensor:
+        """Run vanilla over ``ids[self.length:length]`` (``ids [T]`` must begin with the tokens already run);
+        returns the last hidden states ``[length - self.length, d]`` of the new positions."""
+        if not torch.equal(ids[: self.length], self.ids) or length <= self.length:
+            raise ValueError(f"a prefix of {self.length} tokens cannot become {length} tokens of this text")
+        device = self.model.get_output_embeddings().weight.device
+        new = ids[self.length : length].to(device)[None]
+        with apply_policy(self.model, vanilla(), train_length=self.train_length):
+            hidden = forward_hidden(self.model, new, use_cache=True, **cache_kwargs(self.model, self.cache))
+        self.ids = ids[:length].clone()
+        return hidden[0]
+
+    def reach(self, text: torch.LongTensor, length: int) -> None:
+        """Hold the first ``length`` tokens of ``text`` (extend, or restart if it holds more or others)."""
+        if length < self.length or not torch.equal(text[: self.length], self.ids):
+            self._restart()
+        if length > self.length:
+            self.extend(text, length)
+
+    def begins(self, ids: torch.LongTensor) -> bool:
+        """Whether ``ids`` starts with this prefix and goes on past it (so there is something to continue)."""
+        return 0 < self.length < ids.numel() and torch.equal(ids[: self.length], self.ids)
+
+    def cache_for(self, handle: PolicyHandle) -> Any:
+        """A new cache for the applied policy, holding this prefix."""
+        return continue_from(self.cache, new_cache(self.model, handle))
+
+
+def shared_length(methods: Sequence[Method], train_length: int, limit: int) -> int:
+    """Leading tokens on which every method attends as vanilla does (at most ``limit``); 0 for a single
+    method, which has nobody to share with."""
+    if len(methods) < 2:
+        return 0
+    return min([method.policy.vanilla_prefix(train_length) for method in methods] + [limit])
+
+
+def continued_nll(
+    model: PreTrainedModel,
+    handle: PolicyHandle,
+    ids: torch.LongTensor,
+    prefix: SharedPrefix,
+    prefix_nll: torch.Tensor,
+    chunk: int,
+) -> torch.Tensor:
+    """Per-position NLL ``[T]`` of ``ids`` under the applied policy: the shared prefix's scores
+    ``prefix_nll``, then one forward over the rest from a copy of the prefix's cache (one forward over all
+    when ``ids`` does not continue the prefix)."""
+    if not prefix.begins(ids):
+        return sequence_nll(model, ids, chunk)
+    rest = ids[prefix.length :].to(model.get_output_embeddings().weight.device)
+    cache = prefix.cache_for(handle)
+    hidden = forward_hidden(model, rest[None], use_cache=True, **cache_kwargs(model, cache))[0]
+    nll = prefix_nll.clone()
+    nll[prefix.length + 1 :] = token_nll(model, hidden[:-1], rest[1:], chunk).cpu()
+    return nll

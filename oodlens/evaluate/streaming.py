@@ -1,0 +1,238 @@
+"""Streaming perplexity: a token stream of any length fed chunk by chunk through a policy's bounded cache, in
+constant memory."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+from ..errors import OodlensError
+from ..models import train_length_of
+from ..policies import Policy, PolicyHandle, apply_policy
+from .scoring import (
+    cache_kwargs,
+    finite_or_none,
+    forward_hidden,
+    inference,
+    new_cache,
+    output_logits,
+    perplexity_of,
+    progress_bar,
+    token_nll,
+)
+
+DEFAULT_STREAM_BUCKET = 4096
+
+
+def cycle_tokens(token_ids: torch.LongTensor, n: int, piece: int = 65_536) -> Iterator[torch.LongTensor]:
+    """A stream of ``n`` tokens that repeats ``token_ids [N]`` end to end, as pieces of ``≤ piece`` tokens.
+
+    Lazy, so a stream of any length costs no memory: pass it to :func:`streaming_perplexity` to go past the
+    corpus's size (the embedded corpus holds about 113k SmolLM2 tokens). Repeated text is easier the second
+    time only for a model that can still see the first copy, which a window shorter than the corpus cannot.
+    """
+    token_ids = token_ids.reshape(-1)
+    if token_ids.numel() == 0 or n < 0 or piece < 1:
+        raise OodlensError("cycle_tokens needs a non-empty token sequence, n ≥ 0 and piece ≥ 1")
+    produced = 0
+    while produced < n:
+        offset = produced % token_ids.numel()
+        take = min(piece, token_ids.numel() - offset, n - produced)
+        yield token_ids[offset : offset + take]
+        produced += take
+
+
+def _rechunk(
+    stream: torch.LongTensor | Iterable[torch.LongTensor], chunk: int, max_tokens: int | None
+) -> Iterator[torch.LongTensor]:
+    """Pieces of exactly ``chunk`` tokens (the last may be shorter), at most ``max_tokens`` in all."""
+    pieces = [stream] if isinstance(stream, torch.Tensor) else stream
+    buffer = torch.empty(0, dtype=torch.long)
+    received = 0
+    for piece in pieces:
+        piece = piece.reshape(-1)
+        if max_tokens is not None:
+            piece = piece[: max_tokens - received]
+        received += piece.numel()
+        buffer = torch.cat([buffer, piece])
+        while buffer.numel() >= chunk:
+            yield buffer[:chunk]
+            buffer = buffer[chunk:]
+        if max_tokens is not None and received >= max_tokens:
+            break  # before pulling another piece: the stream may be endless
+    if buffer.numel():
+        yield buffer
+
+
+@dataclass
+class StreamingResult:
+    """Bucketed NLL of a token stream run through a cache chunk by chunk.
+
+    Attributes:
+        method: the policy's name.
+        bucket: bucket width in stream positions.
+        nll_sum, n_scored: ``[n_buckets]`` float64 / int64, summed NLL and scored tokens per bucket.
+        n_tokens: tokens consumed; seconds: wall time; peak_cache_tokens: most keys held by any cache layer
+            after a chunk (constant once the window is full, for a bounded cache).
+
+    ``to_dataframe()`` rows: ``{start, end, nll, ppl, n_tokens}`` per bucket.
+    """
+
+    method: str
+    bucket: int
+    nll_sum: np.ndarray
+    n_scored: np.ndarray
+    n_tokens: int
+    seconds: float
+    peak_cache_tokens: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.n_tokens / self.seconds if self.seconds > 0 else math.nan
+
+    def ppl(self) -> float:
+        """Perplexity over the whole stream."""
+        return perplexity_of(self.nll_sum.sum() / self.n_scored.sum()) if self.n_scored.sum() else math.nan
+
+    def to_dataframe(self) -> pd.DataFrame:
+        rows = []
+        for index, (total, count) in enumerate(zip(self.nll_sum, self.n_scored, strict=True)):
+            if count:
+                start = index * self.bucket
+                nll = float(total / count)
+                rows.append(
+                    dict(
+                        start=start,
+                        end=min(start + self.bucket, self.n_tokens),
+                        nll=nll,
+                        ppl=perplexity_of(nll),
+                        n_tokens=int(count),
+                    )
+                )
+        return pd.DataFrame(rows, columns=["start", "end", "nll", "ppl", "n_tokens"])
+
+    def summary(self) -> dict[str, Any]:
+        """``{method, n_tokens, bucket, ppl, tokens_per_s, peak_cache_tokens,
+        buckets: [{start, end, ppl}]}``; non-finite numbers are ``None``."""
+        buckets = [
+            {"start": int(row.start), "end": int(row.end), "ppl": finite_or_none(row.ppl)}
+            for row in self.to_dataframe().itertuples()
+        ]
+        return {
+            "method": self.method,
+            "n_tokens": self.n_tokens,
+            "bucket": self.bucket,
+            "ppl": finite_or_none(self.ppl()),
+            "tokens_per_s": finite_or_none(self.tokens_per_s),
+            "peak_cache_tokens": self.peak_cache_tokens,
+            "buckets": buckets,
+        }
+
+
+class _BucketSums:
+    """Running per-bucket NLL sums, grown as the stream goes (memory: one float per bucket)."""
+
+    def __init__(self, bucket: int):
+        self.bucket = bucket
+        self.n_buckets = 0
+        self._total = np.zeros(64)
+        self._count = np.zeros(64, dtype=np.int64)
+
+    def add(self, first_position: int, nll: torch.Tensor) -> None:
+        """Add the NLL ``[C]`` of positions ``first_position, first_position + 1, ...``."""
+        index = (first_position + np.arange(nll.numel())) // self.bucket
+        if not index.size:
+            return
+        self.n_buckets = max(self.n_buckets, int(index[-1]) + 1)
+        if self.n_buckets > self._total.size:  # doubling keeps a very long stream's growth cheap
+            grow = max(self.n_buckets, 2 * self._total.size) - self._total.size
+            self._total = np.concatenate([self._total, np.zeros(grow)])
+            self._count = np.concatenate([self._count, np.zeros(grow, dtype=np.int64)])
+        np.add.at(self._total, index, nll.double().numpy())
+        np.add.at(self._count, index, 1)
+
+    @property
+    def total(self) -> np.ndarray:
+        return self._total[: self.n_buckets]
+
+    @property
+    def count(self) -> np.ndarray:
+        return self._count[: self.n_buckets]
+
+
+def _stream_cache(model: PreTrainedModel, handle: PolicyHandle, max_tokens: int | None) -> Any:
+    plan = handle.policy.cache_plan(handle.train_length)
+    if max_tokens is None and not plan.bounded:
+        raise OodlensError(
+            f"{plan.reason}, so its cache grows with the stream: use a policy with a bounded cache such as "
+            "lm_infinite(), or pass max_tokens"
+        )
+    return new_cache(model, handle)
+
+
+def _stored_tokens(cache: Any) -> int:
+    return max((0 if layer.keys is None else layer.keys.shape[-2]) for layer in cache.layers)
+
+
+def streaming_perplexity(
+    model: PreTrainedModel,
+    token_stream: torch.LongTensor | Iterable[torch.LongTensor],
+    policy: Policy,
+    *,
+    train_length: int | None = None,
+    chunk: int = 512,
+    bucket: int = DEFAULT_STREAM_BUCKET,
+    max_tokens: int | None = None,
+    progress: bool = True,
+) -> StreamingResult:
+    """Perplexity of a token stream (``[N]``, or an iterable of 1-D pieces such as :func:`cycle_tokens`) fed
+    ``chunk`` tokens at a time through the policy's bounded cache, so memory stays constant however long the
+    stream is. Each chunk's first token is scored with the previous chunk's last logits, so every position
+    ``≥ 1`` is scored exactly as one forward over the whole stream would score it.
+
+    Raises:
+        OodlensError: the policy keeps every key (vanilla, distance limit alone, top-k) and no
+            ``max_tokens`` bounds the run.
+    """
+    train_length = train_length_of(model, train_length)
+    if chunk < 1 or bucket < 1 or (max_tokens is not None and max_tokens < 2):
+        raise OodlensError(
+            f"chunk and bucket must be ≥ 1 and max_tokens ≥ 2, got {chunk}, {bucket}, {max_tokens}"
+        )
+    device = model.get_output_embeddings().weight.device
+    sums = _BucketSums(bucket)
+    position, peak, previous_logits = 0, 0, None
+    total = (
+        max_tokens
+        if max_tokens is not None
+        else (token_stream.numel() if isinstance(token_stream, torch.Tensor) else None)
+    )
+    with (
+        inference(model),
+        apply_policy(model, policy, train_length=train_length) as handle,
+        progress_bar(total, progress, "tok", f"stream {policy.name}") as bar,
+    ):
+        cache = _stream_cache(model, handle, max_tokens)
+        started = time.perf_counter()
+        for ids in _rechunk(token_stream, chunk, max_tokens):
+            ids = ids.to(device)
+            hidden = forward_hidden(model, ids[None], use_cache=True, **cache_kwargs(model, cache))[0]
+            nll = token_nll(model, hidden[:-1], ids[1:], chunk)
+            if previous_logits is not None:
+                nll = torch.cat([F.cross_entropy(previous_logits, ids[:1], reduction="none"), nll])
+            sums.add(position if previous_logits is not None else 1, nll.cpu())  # position 0 has no score
+            previous_logits = output_logits(model, hidden[-1:])
+            position += ids.numel()
+            peak = max(peak, _stored_tokens(cache))
+            bar.update(ids.numel())
+        seconds = time.perf_counter() - started
+    return StreamingResult(policy.name, bucket, sums.total, sums.count, position, seconds, peak)

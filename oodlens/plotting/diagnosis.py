@@ -1,0 +1,358 @@
+"""Figures of a :class:`~oodlens.capture.Diagnosis`: the three factors (Fig. 1a–d of the paper)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure
+from sklearn.decomposition import PCA
+
+from ..errors import OodlensError
+from .base import (
+    TOKENS_FORMATTER,
+    Band,
+    bin_centres,
+    draw_series,
+    figure_legend,
+    finish_axes,
+    mark_train_length,
+    new_axes,
+    run_frames,
+    select_layers,
+    stat_panels,
+    summarise,
+)
+from .style import LN_N_GID, styled
+
+# ------------------------------------------------------------------------------------------- diagnosis
+
+# The columns each plot reads (a frame may carry more).
+BINNED_HEAD_COLUMNS = ["layer", "head", "bin_start", "bin_end"]
+MAX_LOGIT_COLUMNS = ["layer", "head", "position", "max_logit"]
+HIDDEN_COLUMNS = ["layer", "bin_start", "bin_end", "norm", "cosine_to_later"]
+LOGIT_STAT_LABELS = {
+    "running_max": "attention logit bound",
+    "max": "max attention logit",
+    "mean": "mean attention logit",
+    "last_query_max": "max logit of the last query",
+}
+
+
+@styled
+def plot_logits_by_distance(
+    data: Any,
+    train_length: int | None = None,
+    *,
+    layers: Sequence[int] | None = None,
+    stat: str = "running_max",
+    band: Band = "range",
+    facet: bool = False,
+    logx: bool = True,
+    ax: Axes | None = None,
+) -> Figure:
+    """Attention logits against query–key distance (Fig. 1a), mean over heads with a band over heads.
+
+    Reads the logits-by-distance frame (``Diagnosis.logits_by_distance``): columns layer, head, bin_start,
+    bin_end (bins are ``[bin_start, bin_end)``) and ``stat``, one of running_max (default: the paper's logit
+    bound, the last query's largest logit over all distances below x, plotted at x = bin_end), max, mean or
+    last_query_max (plotted at the bin centre). x is on a log axis unless ``logx=False``. Heads of all
+    selected ``layers`` are pooled, or each layer gets a panel with ``facet=True``.
+    band: "range" (min–max over heads), "std" (±1 std) or None.
+    """
+    if stat not in LOGIT_STAT_LABELS:
+        raise OodlensError(f"stat must be one of {', '.join(LOGIT_STAT_LABELS)}; got {stat!r}")
+    runs = run_frames(data, "logits-by-distance", [*BINNED_HEAD_COLUMNS, stat], "logits_by_distance")
+    # running_max covers every distance below bin_end; the other statistics describe the bin.
+    runs["distance"] = runs["bin_end"] if stat == "running_max" else bin_centres(runs)
+    return stat_panels(
+        runs,
+        "distance",
+        stat,
+        train_length=train_length,
+        layers=layers,
+        facet=facet,
+        band=band,
+        ax=ax,
+        labels=("distance i − j (tokens)", LOGIT_STAT_LABELS[stat]),
+        logx=logx,
+    )
+
+
+@styled
+def plot_max_logit_by_position(
+    data: Any,
+    train_length: int | None = None,
+    *,
+    layers: Sequence[int] | None = None,
+    band: Band = "range",
+    facet: bool = False,
+    logx: bool = False,
+    ax: Axes | None = None,
+) -> Figure:
+    """Largest attention logit of each query against its position, mean over heads with a band over heads.
+
+    Reads the max-logit-by-position frame (``Diagnosis.max_logit_by_position``): layer, head, position,
+    max_logit. Heads of all selected ``layers`` are pooled, or one panel per layer with ``facet=True``.
+    """
+    runs = run_frames(data, "max-logit-by-position", MAX_LOGIT_COLUMNS, "max_logit_by_position")
+    return stat_panels(
+        runs,
+        "position",
+        "max_logit",
+        train_length=train_length,
+        layers=layers,
+        facet=facet,
+        band=band,
+        ax=ax,
+        labels=("query position (tokens)", "max attention logit"),
+        logx=logx,
+    )
+
+
+def _draw_ln_n(ax: Axes, stats: pd.DataFrame) -> None:
+    positions = np.sort(stats["position"].unique())
+    ax.plot(
+        positions,
+        np.log(positions + 0.5),  # mean keys per query of a bin [s, e): (s + e + 1) / 2
+        color="black",
+        linestyle="--",
+        linewidth=1.1,
+        label="ln n (uniform)",
+        gid=LN_N_GID,
+        zorder=1.5,
+    )
+
+
+@styled
+def plot_entropy_by_position(
+    data: Any,
+    train_length: int | None = None,
+    *,
+    layers: Sequence[int] | None = None,
+    band: Band = "range",
+    facet: bool = False,
+    logx: bool = False,
+    ax: Axes | None = None,
+) -> Figure:
+    """Attention entropy (nats) against query position (Fig. 1b), with the uniform-attention curve ln n.
+
+    Reads the entropy-by-position frame (``Diagnosis.entropy_by_position``): layer, head, bin_start, bin_end,
+    mean (mean entropy of the bin's queries). The line is the mean over heads (and layers unless
+    ``facet=True``), the band spans the heads; the dashed "ln n (uniform)" curve is the entropy of attending
+    evenly to the n keys a query sees (n = position + 1; at a bin ``[s, e)``, its mean (s + e + 1) / 2).
+    """
+    runs = run_frames(data, "entropy-by-position", [*BINNED_HEAD_COLUMNS, "mean"], "entropy_by_position")
+    runs["position"] = bin_centres(runs)
+    return stat_panels(
+        runs,
+        "position",
+        "mean",
+        train_length=train_length,
+        layers=layers,
+        facet=facet,
+        band=band,
+        ax=ax,
+        labels=("query position (tokens)", "attention entropy (nats)"),
+        logx=logx,
+        extra=_draw_ln_n,
+        ybottom=0,
+    )
+
+
+@styled
+def plot_sink_mass(
+    data: Any,
+    train_length: int | None = None,
+    *,
+    layers: Sequence[int] | None = None,
+    band: Band = "range",
+    facet: bool = False,
+    logx: bool = False,
+    ax: Axes | None = None,
+) -> Figure:
+    """Attention mass on the starting (sink) tokens against query position, mean over heads with a band.
+
+    Reads the entropy-by-position frame (``Diagnosis.entropy_by_position``): layer, head, bin_start, bin_end,
+    sink_mass.
+    """
+    runs = run_frames(data, "entropy-by-position", [*BINNED_HEAD_COLUMNS, "sink_mass"], "entropy_by_position")
+    runs["position"] = bin_centres(runs)
+    return stat_panels(
+        runs,
+        "position",
+        "sink_mass",
+        train_length=train_length,
+        layers=layers,
+        facet=facet,
+        band=band,
+        ax=ax,
+        labels=("query position (tokens)", "attention on starting tokens"),
+        logx=logx,
+        ybottom=0,
+    )
+
+
+@styled
+def plot_hidden_norm(
+    data: Any, train_length: int | None = None, *, layers: Sequence[int] | None = None, logx: bool = True
+) -> Figure:
+    """Hidden-state norm (log y) and cosine to later positions against position: one column per layer.
+
+    Reads the hidden-by-position frame (``Diagnosis.hidden_by_position``): layer, bin_start, bin_end, norm,
+    cosine_to_later. Top row: norm; bottom row: cosine_to_later; runs overlaid in each panel.
+    """
+    runs = select_layers(run_frames(data, "hidden-by-position", HIDDEN_COLUMNS, "hidden_by_position"), layers)
+    runs["position"] = bin_centres(runs)
+    layer_ids = sorted(runs["layer"].unique())
+    fig, axes = new_axes(None, 2 * len(layer_ids), ncols=len(layer_ids), sharex=True, sharey="row")
+    for row, (value, label, logy) in enumerate(
+        (("norm", "hidden-state norm", True), ("cosine_to_later", "cosine to later positions", False))
+    ):
+        for col, layer in enumerate(layer_ids):
+            panel_ax = axes[row * len(layer_ids) + col]
+            draw_series(
+                panel_ax, summarise(runs[runs["layer"] == layer], "position", value, "range"), "position"
+            )
+            mark_train_length(panel_ax, train_length)
+            finish_axes(
+                panel_ax,
+                "position (tokens)" if row else "",
+                label if col == 0 else "",
+                title=None if row else f"layer {layer}",
+                logx=logx,
+                logy=logy,
+            )
+    figure_legend(fig, axes)
+    return fig
+
+
+# --------------------------------------------------------------------------------------- hidden PCA
+
+HiddenSamples = Callable[[int], tuple[np.ndarray, np.ndarray]]
+
+
+def _hidden_source(samples: Any) -> tuple[HiddenSamples, list[int]] | None:
+    """(layer → (positions, vectors), layers) for one run's samples, or None if ``samples`` is not one run."""
+    if hasattr(samples, "hidden_samples"):
+        meta = getattr(samples, "meta", {}) or {}
+        return samples.hidden_samples, list(meta.get("hidden_layers", []))
+    if (
+        isinstance(samples, Mapping)
+        and samples
+        and all(isinstance(v, tuple) and len(v) == 2 for v in samples.values())
+    ):
+        return lambda layer: samples[layer], sorted(samples)
+    return None
+
+
+def _hidden_runs(samples: Any) -> list[tuple[str, HiddenSamples, list[int]]]:
+    single = _hidden_source(samples)
+    if single is not None:
+        return [("", *single)]
+    items = samples.items() if isinstance(samples, Mapping) else enumerate(samples, start=1)
+    runs = []
+    for label, item in items:
+        source = _hidden_source(item)
+        if source is None:
+            raise OodlensError(
+                "hidden samples: expected {layer: (positions, vectors)} or an object with "
+                f"hidden_samples(layer); got {type(item).__name__}"
+            )
+        runs.append((str(label) if isinstance(samples, Mapping) else f"run {label}", *source))
+    return runs
+
+
+def _layer_samples(
+    get: HiddenSamples, layer: int, max_points: int | None, n_global: int
+) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        positions, vectors = get(layer)
+    except (KeyError, IndexError) as err:
+        raise OodlensError(f"hidden samples have no layer {layer}") from err
+    positions, vectors = np.asarray(positions), np.asarray(vectors, dtype=np.float64)
+    if vectors.ndim != 2 or len(positions) != len(vectors) or len(vectors) < 3:
+        raise OodlensError(
+            f"hidden samples of layer {layer}: need positions [N] and vectors [N, d] with N ≥ 3; "
+            f"got {positions.shape} and {vectors.shape}"
+        )
+    if max_points is not None and len(positions) > max_points:
+        rest = np.flatnonzero(positions >= n_global)
+        keep_rest = np.random.default_rng(0).choice(
+            rest, size=max(max_points - (len(positions) - len(rest)), 0), replace=False
+        )
+        keep = np.sort(np.concatenate([np.flatnonzero(positions < n_global), keep_rest]))
+        positions, vectors = positions[keep], vectors[keep]
+    return positions, vectors
+
+
+def _pca_panel(ax: Axes, positions: np.ndarray, vectors: np.ndarray, norm: LogNorm, n_global: int) -> None:
+    pca = PCA(n_components=2).fit(vectors)
+    xy = pca.transform(vectors)
+    first = positions < n_global
+    ax.scatter(
+        xy[~first, 0],
+        xy[~first, 1],
+        c=positions[~first] + 1,
+        cmap="viridis",
+        norm=norm,
+        s=3,
+        alpha=0.6,
+        linewidths=0,
+        rasterized=True,
+    )
+    ax.scatter(
+        xy[first, 0],
+        xy[first, 1],
+        c=positions[first] + 1,
+        cmap="viridis",
+        norm=norm,
+        s=28,
+        edgecolors="black",
+        linewidths=0.6,
+        zorder=3,
+        label=f"positions < {n_global}",
+    )
+    ratio = pca.explained_variance_ratio_ * 100
+    ax.set(xlabel=f"PC1 ({ratio[0]:.0f}%)", ylabel=f"PC2 ({ratio[1]:.0f}%)", xticks=[], yticks=[])
+
+
+@styled
+def plot_hidden_pca(
+    samples: Any,
+    layers: Sequence[int] | None = None,
+    *,
+    n_global: int = 25,
+    max_points: int | None = 20_000,
+) -> Figure:
+    """2-D PCA of hidden states per layer (Fig. 1c), points coloured by position on a log colour scale.
+
+    samples: ``{layer: (positions [N], vectors [N, d])}``, an object with ``hidden_samples(layer)`` (layers
+    from ``meta["hidden_layers"]``), or a dict/list of those (one row per run, e.g. before/after). Layers
+    sit side by side; each panel has its own PCA fit. Positions below ``n_global`` are drawn large with
+    a black edge. At most ``max_points`` points per panel (a fixed random subset; the first tokens always).
+    """
+    runs = _hidden_runs(samples)
+    layers = list(layers) if layers is not None else runs[0][2]
+    if not layers:
+        raise OodlensError("hidden samples: no layers given and none listed in meta['hidden_layers']")
+    panels = [[_layer_samples(get, layer, max_points, n_global) for layer in layers] for _, get, _ in runs]
+    top = max(float(pos.max()) for row in panels for pos, _ in row) + 1
+    norm = LogNorm(vmin=1, vmax=max(top, 2))
+    fig, axes = new_axes(None, len(runs) * len(layers), ncols=len(layers))
+    for r, ((label, _, _), row) in enumerate(zip(runs, panels, strict=True)):
+        for c, (layer, (positions, vectors)) in enumerate(zip(layers, row, strict=True)):
+            panel_ax = axes[r * len(layers) + c]
+            _pca_panel(panel_ax, positions, vectors, norm, n_global)
+            panel_ax.set_title(f"{label} · layer {layer}" if label else f"layer {layer}")
+    axes[0].legend(loc="best", markerscale=0.8)
+    colorbar = fig.colorbar(
+        ScalarMappable(norm=norm, cmap="viridis"), ax=axes, label="position + 1", shrink=0.9
+    )
+    colorbar.ax.yaxis.set_major_formatter(TOKENS_FORMATTER)
+    return fig

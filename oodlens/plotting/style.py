@@ -1,0 +1,155 @@
+"""The oodlens figure style: one palette with a fixed colour per method, seaborn's paper context, and figures
+saved as vector PDF plus a 300-dpi PNG."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import zlib
+from collections.abc import Callable, Iterator
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import seaborn as sns
+from matplotlib.figure import Figure
+
+from ..storage import atomic_path
+
+# Okabe & Ito's colour-blind-safe palette.
+OKABE_ITO = {
+    "black": "#000000",
+    "orange": "#E69F00",
+    "sky": "#56B4E9",
+    "green": "#009E73",
+    "yellow": "#F0E442",
+    "blue": "#0072B2",
+    "vermillion": "#D55E00",
+    "purple": "#CC79A7",
+    "grey": "#999999",
+}
+METHOD_COLORS = {
+    "vanilla": OKABE_ITO["vermillion"],
+    "lm-infinite": OKABE_ITO["blue"],
+    "window": OKABE_ITO["orange"],
+    "lambda": OKABE_ITO["green"],
+    "distance-limit": OKABE_ITO["purple"],
+    "truncated": OKABE_ITO["grey"],
+    "streaming-llm": OKABE_ITO["sky"],
+    "self-extend": OKABE_ITO["black"],
+}
+METHOD_ALIASES = {
+    "before": "vanilla",
+    "after": "lm-infinite",
+    "λ": "lambda",
+    "lambda-mask": "lambda",
+    "lm-inf": "lm-infinite",
+    "lminfinite": "lm-infinite",
+    "streamingllm": "streaming-llm",
+    "vanilla-truncated": "truncated",
+}
+UNNAMED_COLOR = "#333333"
+_FALLBACK_COLORS = [OKABE_ITO[k] for k in ("sky", "black", "orange", "green", "purple", "grey")]
+TRAIN_LENGTH_GID = "train-length"
+LN_N_GID = "ln-n"
+PANEL_SIZE = (3.4, 2.6)  # inches per panel: two panels fill a two-column paper's text width
+DPI = 300
+
+# ---------------------------------------------------------------------------------------------------- style
+
+
+def style_rc() -> dict[str, Any]:
+    rc = {**sns.axes_style("ticks"), **sns.plotting_context("paper", font_scale=1.15)}
+    rc.update(
+        {
+            "axes.prop_cycle": matplotlib.cycler(color=list(METHOD_COLORS.values())),
+            "axes.spines.top": False,
+            "axes.spines.right": False,
+            "legend.frameon": True,  # white, borderless: legible over lines, invisible elsewhere
+            "legend.framealpha": 0.85,
+            "legend.edgecolor": "none",
+            "legend.fontsize": rc["legend.fontsize"] * 0.95,
+            "lines.linewidth": 1.6,
+            "image.cmap": "viridis",
+            "savefig.dpi": DPI,
+            "pdf.fonttype": 42,
+            "ps.fonttype": 42,  # editable TrueType text in vector files
+        }
+    )
+    return rc
+
+
+def use_style() -> None:
+    """Apply the oodlens figure style to matplotlib globally (the plotting functions apply it themselves)."""
+    matplotlib.rcParams.update(style_rc())
+
+
+@contextlib.contextmanager
+def style() -> Iterator[None]:
+    """Context manager: the oodlens figure style inside the block, the previous settings after it."""
+    with matplotlib.rc_context(style_rc()):
+        yield
+
+
+def styled(plot: Callable[..., Figure]) -> Callable[..., Figure]:
+    @wraps(plot)
+    def styled(*args: Any, **kwargs: Any) -> Figure:
+        with style():
+            return plot(*args, **kwargs)
+
+    return styled
+
+
+def canonical(name: str) -> str:
+    """A method or run label as the colour table spells it ("Before" → "vanilla", "LM_Infinite" → …)."""
+    key = str(name).strip().lower().replace("_", "-").replace(" ", "-")
+    return METHOD_ALIASES.get(key, key)
+
+
+def method_color(name: str) -> str:
+    """Fixed colour of a method or run label ("before" as vanilla, "after" as lm-infinite); others: stable."""
+    key = canonical(name)
+    if not key:
+        return UNNAMED_COLOR
+    if key in METHOD_COLORS:
+        return METHOD_COLORS[key]
+    return _FALLBACK_COLORS[zlib.crc32(key.encode()) % len(_FALLBACK_COLORS)]
+
+
+def save_figure(fig: Figure, path: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """Write ``fig`` as ``<path>.pdf`` (vector) and ``<path>.png`` (300 dpi); return both paths.
+
+    Each file is written to a temporary name in the same folder and renamed, so a reader never sees half a
+    file. A ``.pdf``/``.png`` suffix on ``path`` is dropped.
+    """
+    base = Path(path)
+    if base.suffix.lower() in (".pdf", ".png"):
+        base = base.with_suffix("")
+    base.parent.mkdir(parents=True, exist_ok=True)
+    pdf, png = (_save_atomic(fig, base.with_name(base.name + suffix)) for suffix in (".pdf", ".png"))
+    return pdf, png
+
+
+def _save_atomic(fig: Figure, target: Path) -> Path:
+    fmt = target.suffix[1:]
+    metadata = {"CreationDate": None} if fmt == "pdf" else None  # reproducible PDF bytes
+    with atomic_path(target) as temporary:
+        fig.savefig(temporary, format=fmt, dpi=DPI, metadata=metadata, bbox_inches="tight")
+    return target
+
+
+def show(fig: Figure, name: str | None = None, folder: str | os.PathLike[str] | None = None) -> None:
+    """Display ``fig`` once in a notebook (or on screen), save it as ``folder/name.pdf|png`` when ``folder``
+    is given, and close it so it is not drawn a second time."""
+    import matplotlib.pyplot as plt
+
+    if folder is not None:
+        save_figure(fig, Path(folder) / (name or "figure"))
+    try:
+        from IPython.display import display
+    except ImportError:
+        plt.show()
+    else:
+        display(fig)
+    plt.close(fig)

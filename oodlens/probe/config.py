@@ -1,0 +1,127 @@
+"""Everything a probe run depends on: :class:`ProbeConfig`, the one source of the command line's options.
+
+Each field carries its help text and option group; :mod:`.cli` builds the parser from these fields, and a
+``--config`` file (JSON or YAML) sets the same fields. :meth:`ProbeConfig.validate` checks every value that
+does not depend on the model, before it loads; :meth:`ProbeConfig.resolved` fills the lengths that default
+from the model's pretraining length and checks what depends on them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any
+
+from ..data import DEFAULT_CORPUS
+from ..errors import OodlensError, check_count
+from ..models import DEFAULT_MODEL, DEVICES, DTYPES
+from ..policies import POLICIES, Policy, check_method, policy_by_name
+
+
+def option(default: Any, group: str, help: str, *, metavar: str | None = None) -> Any:
+    """A field of :class:`ProbeConfig` with what its command-line option says about it."""
+    return field(default=default, metadata={"group": group, "help": help, "metavar": metavar})
+
+
+RUN, MODEL, FIX, EVALUATIONS, OUTPUT = "what to run", "model", "methods", "evaluations", "output"
+
+
+@dataclass
+class ProbeConfig:
+    """The settings of one probe run; ``None`` lengths resolve against the model's pretraining length."""
+
+    model: str = option(
+        DEFAULT_MODEL,
+        RUN,
+        "'smollm2' (embedded SmolLM2-135M-Instruct), a .gguf file, a model folder, 'tiny:<family>' (random "
+        "test model) or a hub id",
+    )
+    corpus: str = option(
+        DEFAULT_CORPUS,
+        RUN,
+        f"'{DEFAULT_CORPUS}' (embedded), a text file, a folder of text files, or hf:<dataset>[:<split>] "
+        "(local copy)",
+    )
+    length: int | None = option(None, RUN, "tokens per window (default: 1.5 × the pretraining length)")
+    methods: tuple[str, ...] = option(
+        ("vanilla", "lm-infinite"), RUN, f"comma-separated methods from: {', '.join(POLICIES)}"
+    )
+    windows: int = option(1, RUN, "token windows to average over")
+    seed: int = option(0, RUN, "seed for window offsets and passkeys")
+    join_documents: bool = option(True, RUN, "concatenate the corpus's documents so windows may span several")
+    device: str = option("auto", MODEL, f"{' | '.join(DEVICES)} | cuda:N")
+    dtype: str = option("auto", MODEL, f"auto | {' | '.join(DTYPES)}")
+    train_length: int | None = option(None, MODEL, "pretraining length (default: from the model)")
+    n_global: int = option(10, FIX, "starting tokens kept visible by the Λ-shaped methods")
+    top_k: int = option(0, FIX, "LM-Infinite's top-k middle tokens per head (0: off)")
+    bucket: int = option(1024, EVALUATIONS, "position bucket width for perplexity")
+    query_stride: int | None = option(
+        None, EVALUATIONS, "sample every k-th query for the logit-by-distance statistics (1: every query)"
+    )
+    passkey: bool = option(True, EVALUATIONS, "run passkey retrieval")
+    passkey_lengths: tuple[int, ...] | None = option(None, EVALUATIONS, "prompt lengths (default: --length)")
+    passkey_depths: tuple[float, ...] = option((0.5,), EVALUATIONS, "needle depths in [0, 1]")
+    passkey_samples: int = option(1, EVALUATIONS, "prompts per (length, depth)")
+    generation: bool = option(True, EVALUATIONS, "score generation after long context (BLEU, ROUGE-L)")
+    milestones: tuple[int, ...] | None = option(
+        None, EVALUATIONS, "context lengths before generating (default: --length minus --new-tokens)"
+    )
+    new_tokens: int = option(32, EVALUATIONS, "tokens generated per milestone")
+    stream_tokens: int = option(
+        0,
+        EVALUATIONS,
+        "streaming perplexity over this many tokens through a bounded cache (the last method that has one; "
+        "the corpus repeats as needed; 0: off; 1000000+ runs in constant memory)",
+    )
+    progress: bool = option(True, OUTPUT, "show progress bars")
+
+    def validate(self) -> ProbeConfig:
+        """Check every value that does not need the model (run before it loads); returns ``self``."""
+        for name in ("windows", "bucket", "new_tokens", "passkey_samples"):
+            check_count(f"--{name.replace('_', '-')}", getattr(self, name))
+        check_count("--n-global", self.n_global, minimum=0)
+        check_count("--top-k", self.top_k, minimum=0)
+        check_count("--stream-tokens", self.stream_tokens, minimum=0)
+        for name in ("length", "train_length", "query_stride"):
+            if getattr(self, name) is not None:
+                check_count(
+                    f"--{name.replace('_', '-')}",
+                    getattr(self, name),
+                    minimum=2 if name != "query_stride" else 1,
+                )
+        if not self.methods:
+            raise OodlensError("--methods is empty; name at least one of " + ", ".join(POLICIES))
+        for method in self.methods:
+            check_method(method)
+        if any(not 0.0 <= depth <= 1.0 for depth in self.passkey_depths):
+            raise OodlensError("--passkey-depths must lie in [0, 1]")
+        return self
+
+    def resolved(self, train_length: int) -> ProbeConfig:
+        """A copy with every default length filled in and every value checked."""
+        self.validate()
+        length = self.length if self.length is not None else int(1.5 * train_length)
+        passkey_lengths = self.passkey_lengths or (length,)
+        milestones = self.milestones or (max(1, length - self.new_tokens),)
+        if any(m + self.new_tokens > length for m in milestones):
+            raise OodlensError(
+                f"a generation milestone plus --new-tokens ({self.new_tokens}) exceeds --length {length}; "
+                "use smaller milestones"
+            )
+        return ProbeConfig(
+            **{
+                **asdict(self),
+                "length": length,
+                "passkey_lengths": tuple(passkey_lengths),
+                "milestones": tuple(milestones),
+                "methods": tuple(self.methods),
+            }
+        )
+
+    def policies(self) -> list[Policy]:
+        """The methods as policies, each with this run's ``n_global`` and ``top_k`` where it takes them."""
+        return [policy_by_name(name, n_global=self.n_global, top_k=self.top_k) for name in self.methods]
+
+
+def defaults() -> dict[str, Any]:
+    """Every field's default, by name."""
+    return {f.name: f.default for f in fields(ProbeConfig) if f.default is not MISSING}

@@ -1,0 +1,248 @@
+"""The probe's output folder: ``summary.json``, tables, saved diagnoses, figures and ``report.md``.
+
+Everything is written into a hidden staging folder beside the target and moved into place at the end, so an
+interrupted run leaves no half-written summary and an existing report is replaced only by a complete one.
+The schema is documented in ``docs/report-schema.md``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from .. import plotting
+from ..errors import OodlensError
+from ..storage import check_replaceable, folder_kind, write_folder, write_json
+from .result import format_number
+
+if TYPE_CHECKING:
+    from .result import ProbeResult
+
+
+REPORT_KIND = "report"
+
+
+def prepare_output(folder: Path, overwrite: bool) -> Path:
+    """Check before a long run that ``folder`` may be written (see :func:`oodlens.storage.check_replaceable`):
+    a new or empty folder, or an earlier report with ``overwrite`` (asked for on a terminal)."""
+    folder = Path(os.path.abspath(Path(folder).expanduser()))
+    wants_overwrite = overwrite or (
+        folder_kind(folder) == REPORT_KIND
+        and sys.stdin.isatty()
+        and input(f"{folder} already holds a report; replace it when the run finishes? [y/N] ")
+        .strip()
+        .lower()
+        in ("y", "yes")
+    )
+    check_replaceable(folder, REPORT_KIND, wants_overwrite)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(folder.parent, os.W_OK):
+        raise OodlensError(f"cannot write into {folder.parent}; choose another --out")
+    return folder
+
+
+def write_report(result: ProbeResult, folder: Path, overwrite: bool = False) -> Path:
+    """Write the whole output folder for ``result`` atomically (:func:`oodlens.storage.write_folder`)."""
+    return write_folder(
+        folder, lambda root: _write_contents(result, root), kind=REPORT_KIND, overwrite=overwrite
+    )
+
+
+def _write_contents(result: ProbeResult, root: Path) -> None:
+    tables = root / "tables"
+    tables.mkdir()
+    frames = _tables(result)
+    for name, frame in frames.items():
+        frame.to_csv(tables / f"{name}.csv", index=False)
+    for method, diagnosis in result.diagnoses.items():
+        diagnosis.save(root / "diagnosis" / method)
+    figures = _figures(result, root / "figures")
+    summary = result.summary()
+    summary["files"] = {
+        "figures": [str(path.relative_to(root)) for path in figures],
+        "tables": [f"tables/{name}.csv" for name in frames],
+        "diagnoses": [f"diagnosis/{method}" for method in result.diagnoses],
+    }
+    write_json(root / "summary.json", summary)
+    (root / "report.md").write_text(render_markdown(result, summary, figures, root))
+
+
+def _tables(result: ProbeResult) -> dict[str, pd.DataFrame]:
+    frames = {"perplexity": result.perplexity.to_dataframe()}
+    if result.passkey is not None:
+        frames["passkey"] = result.passkey.to_dataframe()
+    if result.generation is not None:
+        frames["generation"] = result.generation.to_dataframe()
+    if result.streaming is not None:
+        frames["streaming"] = result.streaming.to_dataframe()
+    for method, theory in result.theory.items():
+        for kind in ("entropy_bound", "entropy_fit", "logit_growth"):
+            frames[f"theory-{kind}-{method}"] = theory.to_dataframe(kind)
+    frames["comparison"] = comparison_frame(result)
+    return frames
+
+
+def comparison_frame(result: ProbeResult) -> pd.DataFrame:
+    """Tidy ``[method, metric, value]`` of the headline numbers, for the comparison figure and table."""
+    rows = []
+    for method, block in result.summary()["methods"].items():
+        if "skipped" in block:
+            continue
+        rows.append((method, "ppl beyond train length", block.get("ppl_beyond_train_length")))
+        rows.append((method, "ppl within train length", block.get("ppl_within_train_length")))
+        diagnosis = block.get("diagnosis", {})
+        for key, label in (("max_logit_beyond", "max logit beyond"), ("entropy_beyond", "entropy beyond")):
+            if key in diagnosis:
+                rows.append((method, label, diagnosis[key]))
+        for length, accuracy in block.get("passkey", {}).items():
+            rows.append((method, f"passkey accuracy @ {length}", accuracy))
+    frame = pd.DataFrame(rows, columns=["method", "metric", "value"])
+    return frame.dropna()
+
+
+def _figures(result: ProbeResult, folder: Path) -> list[Path]:
+    """Draw every figure that the result has data for; returns the PNG paths."""
+    folder.mkdir(parents=True)
+    train = result.train_length
+    diagnoses = result.diagnoses
+    drawings = {}
+    if diagnoses:
+        drawings |= {
+            "logits_by_distance": lambda: plotting.plot_logits_by_distance(diagnoses, train),
+            "max_logit_by_position": lambda: plotting.plot_max_logit_by_position(diagnoses, train),
+            "entropy_by_position": lambda: plotting.plot_entropy_by_position(diagnoses, train),
+            "sink_mass": lambda: plotting.plot_sink_mass(diagnoses, train),
+            "hidden_pca": lambda: plotting.plot_hidden_pca(diagnoses),
+            "hidden_norm": lambda: plotting.plot_hidden_norm(diagnoses, train),
+        }
+    drawings["perplexity_by_position"] = lambda: plotting.plot_perplexity_by_position(
+        result.perplexity, train
+    )
+    if result.passkey is not None:
+        drawings["passkey"] = lambda: plotting.plot_passkey_heatmap(result.passkey, train)
+    if result.generation is not None:
+        drawings["generation_quality"] = lambda: plotting.plot_generation_quality(result.generation, train)
+    comparison = comparison_frame(result)
+    if not comparison.empty:
+        drawings["method_comparison"] = lambda: plotting.plot_method_comparison(comparison, facet=True)
+    if result.streaming is not None:
+        drawings["streaming_perplexity"] = lambda: plotting.plot_perplexity_by_position(
+            {result.streaming.method: result.streaming}, train
+        )
+    paths = []
+    with plotting.style():
+        for name, draw in drawings.items():
+            figure = draw()
+            _, png = plotting.save_figure(figure, folder / name)
+            plt.close(figure)
+            paths.append(png)
+    return paths
+
+
+FIGURE_CAPTIONS = {
+    "logits_by_distance": "Factor 1 — running maximum of attention logits against distance (mean over heads, "
+    "band: spread over heads). Vanilla's bound keeps rising past the pretraining length; "
+    "the distance limit caps it.",
+    "max_logit_by_position": "Largest attention logit of each sampled query against its position.",
+    "entropy_by_position": "Factor 2 — attention entropy against query position, with the ln n reference of a "
+    "uniform distribution. Attending to more tokens than seen in training raises it.",
+    "sink_mass": "Attention mass on the first tokens (the 'sink') against query position.",
+    "hidden_pca": "Factor 3 — PCA of hidden states coloured by position: the starting tokens sit in a region "
+    "of their own, which a plain sliding window would drop.",
+    "hidden_norm": "Hidden-state norm and cosine similarity to the mean of later positions, by position.",
+    "perplexity_by_position": "Perplexity by position (log scale) for every method and the content-matched "
+    "baseline whose context is truncated to the pretraining length.",
+    "passkey": "Passkey retrieval accuracy by prompt length and needle depth.",
+    "generation_quality": "BLEU and ROUGE-L of generated continuations after long contexts.",
+    "method_comparison": "Headline numbers per method.",
+    "streaming_perplexity": "Streaming perplexity through LM-Infinite's bounded cache.",
+}
+
+
+def render_markdown(result: ProbeResult, summary: dict, figures: list[Path], root: Path) -> str:
+    """``report.md``: the run, the verdict, a table of numbers and every figure with a caption."""
+    cfg = result.config
+    lines = [
+        f"# oodlens probe: {result.info.name}",
+        "",
+        f"Pretraining length **{result.train_length}** tokens ({result.info.train_length_source}); "
+        f"{cfg.windows} window(s) of **{cfg.length}** tokens from `{cfg.corpus}`; methods: "
+        f"{', '.join(cfg.methods)}; {result.info.dtype} on {result.info.device}; {result.seconds:.0f} s.",
+        "",
+        "## Verdict",
+        "",
+        result.verdict(),
+        "",
+        "## Numbers",
+        "",
+        "| method | ppl ≤ train | ppl > train | max logit ≤ train | max logit > train | entropy ≤ train "
+        "| entropy > train | passkey | BLEU / ROUGE-L |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method, block in summary["methods"].items():
+        if "skipped" in block:
+            lines.append(f"| {method} | skipped: {block['skipped']} |||||||| ")
+            continue
+        diagnosis = block.get("diagnosis", {})
+        passkey = ", ".join(f"{k}: {format_number(v)}" for k, v in block.get("passkey", {}).items()) or "–"
+        generation = (
+            "; ".join(
+                f"{k}: {format_number(v.get('bleu'))} / {format_number(v.get('rouge_l'))}"
+                for k, v in block.get("generation", {}).items()
+            )
+            or "–"
+        )
+        lines.append(
+            f"| {method} | {format_number(block.get('ppl_within_train_length'))} | {format_number(block.get('ppl_beyond_train_length'))} "
+            f"| {format_number(diagnosis.get('max_logit_within'))} | {format_number(diagnosis.get('max_logit_beyond'))} "
+            f"| {format_number(diagnosis.get('entropy_within'))} | {format_number(diagnosis.get('entropy_beyond'))} "
+            f"| {passkey} | {generation} |"
+        )
+    if summary.get("warnings"):
+        lines += ["", "## Warnings", ""] + [f"- {w}" for w in summary["warnings"]]
+    lines += ["", "## Figures", ""]
+    for png in figures:
+        name = png.stem
+        lines += [
+            f"### {name.replace('_', ' ')}",
+            "",
+            FIGURE_CAPTIONS.get(name, ""),
+            "",
+            f"![{name}]({png.relative_to(root)})",
+            "",
+        ]
+    lines += [
+        "## Files",
+        "",
+        "- `summary.json` — the numbers above (schema: docs/report-schema.md in the oodlens repository)",
+        "- `tables/*.csv` — every table behind the figures",
+        "- `diagnosis/<method>/` — the captured statistics (`oodlens.capture.Diagnosis.load`)",
+        "- `figures/*.png|pdf` — the figures (PDF is vector)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def print_summary(result: ProbeResult, folder: Path) -> None:
+    """The run's perplexity table and verdict on standard output, and where the report is."""
+    table = result.perplexity.summary()["methods"]
+    print(
+        f"\n{result.info.name}: pretraining length {result.train_length}, {result.config.windows} × "
+        f"{result.config.length} tokens of {result.config.corpus}, {result.seconds:.0f} s"
+    )
+    print(f"{'method':20s} {'ppl ≤ train':>12s} {'ppl > train':>12s}")
+    for method, block in table.items():
+        print(
+            f"{method:20s} {format_number(block['ppl_within_train_length']):>12s} "
+            f"{format_number(block['ppl_beyond_train_length']):>12s}"
+        )
+    print("\n" + result.verdict())
+    print(f"\nreport: {folder / 'report.md'}")
+
+
+__all__ = ["comparison_frame", "prepare_output", "print_summary", "render_markdown", "write_report"]
