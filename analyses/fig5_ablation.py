@@ -14,6 +14,7 @@ import pandas as pd
 
 from oodlens import plotting
 from oodlens.evaluate import PerplexityResult, perplexity_by_position
+from oodlens.plotting.base import format_tokens
 from oodlens.policies import POLICIES, policy_by_name
 
 
@@ -46,9 +47,11 @@ def run(argv: list[str] | None = None) -> pd.DataFrame:
         {m: token_nll[m].to_numpy() for m in token_nll}, train, length, settings.windows, bucket
     )
     common.save(settings, plotting.plot_perplexity_by_position(result, train), "fig5_ablation")
+    within = f"perplexity within L (0–{format_tokens(train)})"
+    beyond = f"perplexity beyond L ({format_tokens(train)}–{format_tokens(length)})"
     table = pd.DataFrame(
         [
-            {"method": m, "ppl within": result.ppl(m, 1, train), "ppl beyond": result.ppl(m, train, length)}
+            {"method": m, within: result.ppl(m, 1, train), beyond: result.ppl(m, train, length)}
             for m in token_nll
         ]
     )

@@ -57,7 +57,7 @@ def run(argv: list[str] | None = None) -> pd.DataFrame:
         ).to_dataframe(),
     )
     result = PasskeyResult(rows=rows.to_dict("records"))
-    common.save(settings, plotting.plot_passkey_heatmap(rows, train), "table2_passkey")
+    common.save(settings, plotting.plot_passkey(rows, train), "table2_passkey")
     table = result.accuracy().pivot(index="method", columns="length", values="accuracy")
     common.print_table(f"passkey accuracy (train length {train})", table.reset_index())
     table.to_csv(settings.cache / "accuracy.csv")

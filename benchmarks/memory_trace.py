@@ -19,8 +19,7 @@ import torch
 from oodlens.data import corpus_tokens, load_corpus
 from oodlens.evaluate import cycle_tokens
 from oodlens.memory import reset_peak_memory, resident_gib
-from oodlens.models import load_model
-from oodlens.models import attention_modules
+from oodlens.models import attention_modules, load_model
 from oodlens.policies import POLICIES, native_or_policy
 
 

@@ -4,12 +4,13 @@ The public API, flat::
 
     import oodlens
     loaded = oodlens.load_model("smollm2")
+    ids = oodlens.data.token_windows(oodlens.data.load_corpus(), loaded.tokenizer, 16384)
     before = oodlens.diagnose(loaded.model, ids)                       # the three factors, vanilla
     after = oodlens.diagnose(loaded.model, ids, oodlens.lm_infinite())  # the same under the fix
     oodlens.plotting.plot_entropy_by_position({"before": before, "after": after})
 
-Subpackages (``oodlens.evaluate``, ``oodlens.plotting``, ``oodlens.probe``) load on first use, so
-``import oodlens`` stays quick.
+Subpackages (``oodlens.evaluate``, ``oodlens.plotting``, ``oodlens.probe``, ``oodlens.data``, …) load on first
+use, so ``import oodlens`` stays quick.
 """
 
 import importlib
@@ -25,9 +26,16 @@ from .policies import (
     apply_lm_infinite,
     apply_policy,
     distance_limit,
+    dual_chunk,
     lambda_mask,
+    leaky_rerope,
     lm_infinite,
     policy_by_name,
+    rerope,
+    rope_scaling,
+    self_extend,
+    streaming_llm,
+    string,
     vanilla,
     window,
 )
@@ -35,11 +43,12 @@ from .theory import check_theory
 
 __version__ = "0.1.0"
 
-_LAZY_SUBPACKAGES = ("evaluate", "plotting", "probe")
+_LAZY_SUBPACKAGES = ("data", "evaluate", "plotting", "probe", "stats", "storage", "tasks")
 
 
 def __getattr__(name: str) -> Any:
-    """``oodlens.evaluate``, ``oodlens.plotting`` and ``oodlens.probe``, imported on first access."""
+    """The subpackages not needed by the core (``oodlens.evaluate``, ``oodlens.plotting``, ``oodlens.probe``,
+    ``oodlens.data``, …), imported on first access."""
     if name in _LAZY_SUBPACKAGES:
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'oodlens' has no attribute {name!r}")
@@ -60,13 +69,20 @@ __all__ = [
     "check_theory",
     "diagnose",
     "distance_limit",
+    "dual_chunk",
     "evaluate",
     "lambda_mask",
+    "leaky_rerope",
     "lm_infinite",
     "load_model",
     "plotting",
     "policy_by_name",
     "probe",
+    "rerope",
+    "rope_scaling",
+    "self_extend",
+    "streaming_llm",
+    "string",
     "vanilla",
     "window",
 ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from .errors import OodlensError
 DEFAULT_CORPUS = "python-docs"
 TEXT_SUFFIXES = frozenset({".txt", ".md", ".rst", ".text"})
 DOCUMENT_SEPARATOR = "\n\n"  # between joined documents when the tokenizer has no eos token
+MOSTLY_NOT_TEXT = 0.1  # a file with more invalid or control characters than this is refused
 
 PASSKEY_INTRO = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -68,10 +70,10 @@ def load_corpus(spec: str = DEFAULT_CORPUS) -> Corpus:
         return _load_hf_dataset(spec)
     path = Path(spec).expanduser()
     if path.is_file():
-        documents = [path.read_text(encoding="utf-8", errors="replace")]
+        documents = [read_text(path)]
     elif path.is_dir():
         files = sorted(file for file in path.rglob("*") if file.suffix in TEXT_SUFFIXES and file.is_file())
-        documents = [file.read_text(encoding="utf-8", errors="replace") for file in files]
+        documents = [read_text(file) for file in files]
     else:
         raise OodlensError(
             f"corpus {spec!r} is not 'python-docs', 'hf:<dataset>', a text file or a folder: check the path"
@@ -83,6 +85,29 @@ def load_corpus(spec: str = DEFAULT_CORPUS) -> Corpus:
             f"{'/'.join(sorted(TEXT_SUFFIXES))} files"
         )
     return Corpus(str(path), documents)
+
+
+def read_text(path: Path) -> str:
+    """A file's text as UTF-8. Bytes that are not UTF-8 become U+FFFD with a warning saying how many; a file
+    that is mostly not text (a binary, an image) is refused, since a report on it would be a report on noise.
+    """
+    data = path.read_bytes()
+    text = data.decode("utf-8", errors="replace")
+    replaced = text.count("\ufffd") - data.decode("utf-8", errors="ignore").count("\ufffd")
+    controls = sum(1 for char in text if char < " " and char not in "\n\r\t\f")
+    share = (replaced + controls) / max(len(text), 1)
+    if share > MOSTLY_NOT_TEXT:
+        raise OodlensError(
+            f"{str(path)!r} is not text ({share:.0%} of its characters are invalid UTF-8 or control bytes): "
+            "pass a text file or a folder of text files"
+        )
+    if replaced:
+        warnings.warn(
+            f"oodlens: {str(path)!r} is not all UTF-8: {replaced} characters ({replaced / max(len(text), 1):.2%}) "
+            "were replaced by U+FFFD",
+            stacklevel=3,
+        )
+    return text
 
 
 def _load_hf_dataset(spec: str) -> Corpus:
@@ -172,7 +197,7 @@ def passkey_prompt(tokenizer: Any, length: int, depth: float, seed: int = 0) -> 
     n_blocks = (length - fixed) // len(filler)
     if n_blocks < 1:
         raise OodlensError(
-            f"passkey length {length} is too short: with this tokenizer use at least {fixed + len(filler)}"
+            f"passkey length {length} is too short: with this tokenizer use at least {passkey_minimum_length(tokenizer)}"
         )
     blocks_before = round(depth * n_blocks)
     before = intro + filler * blocks_before
@@ -189,6 +214,16 @@ def passkey_prompt(tokenizer: Any, length: int, depth: float, seed: int = 0) -> 
 def corpus_tokens(corpus: Corpus, tokenizer: Any) -> torch.LongTensor:
     """The whole corpus as one token stream ``[N]`` (documents joined as in ``token_windows``)."""
     return torch.from_numpy(_joined(_tokenized_documents(corpus, tokenizer), _separator_ids(tokenizer)))
+
+
+def passkey_minimum_length(tokenizer: Any) -> int:
+    """The shortest passkey prompt this tokenizer allows: intro, needle, question and one filler block."""
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    needle = PASSKEY_NEEDLE.format(key="99999")
+    return sum(count(text) for text in (PASSKEY_INTRO, needle, PASSKEY_QUESTION, PASSKEY_FILLER))
 
 
 # Tokenised corpora by (corpus name, tokenizer identity, content digest); a few entries at most, since one

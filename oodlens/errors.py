@@ -25,3 +25,13 @@ def first_line(error: BaseException) -> str:
     """The first line of an exception's message (its type name when it has none)."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def non_finite_note(where: str, dtype: object) -> str:
+    """The warning for NaN or infinite numbers found in ``where`` (issued once per place by the caller): names
+    the place and the dtype, and the fix."""
+    shown = str(dtype).removeprefix("torch.")
+    return (
+        f"non-finite values (NaN or inf) in {where} under {shown}: the numbers built from it are marked n/a; "
+        "run in float32 or bfloat16 (--dtype float32), whose range does not overflow"
+    )

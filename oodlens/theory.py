@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from .capture import Diagnosis
+from .display import Displayed, format_number
 from .errors import OodlensError
 
 # Entropies and logits are float32 sums over up to ~10⁵ keys: allow this much rounding before a bound fails.
@@ -129,13 +131,23 @@ def logit_growth(diagnosis: Diagnosis) -> pd.DataFrame:
     return pd.concat(rows, ignore_index=True)
 
 
-@dataclass
-class TheoryReport:
+@dataclass(repr=False)
+class TheoryReport(Displayed):
     """The paper's statements checked on one diagnosis (see the module docstring)."""
 
     entropy_bound: pd.DataFrame
     entropy_fit: pd.DataFrame
     logit_growth: pd.DataFrame
+
+    def headline(self) -> dict[str, Any]:
+        summary = self.summary()
+        keys = (
+            "entropy_bound_holds",
+            "entropy_slope_within",
+            "entropy_slope_beyond",
+            "logit_ratio_last_query",
+        )
+        return {key: summary[key] for key in keys if key in summary}
 
     def to_dataframe(self, kind: str) -> pd.DataFrame:
         """``"entropy_bound"``, ``"entropy_fit"`` or ``"logit_growth"``."""
@@ -171,4 +183,87 @@ def check_theory(diagnosis: Diagnosis) -> TheoryReport:
     )
 
 
-__all__ = ["TheoryReport", "check_theory", "entropy_growth_fit", "entropy_lower_bound", "logit_growth"]
+# A linear probe that tells the starting tokens from the rest this well (ROC-AUC) says they sit apart.
+SEPARABLE_AUC = 0.9
+
+
+@dataclass(frozen=True)
+class Finding:
+    """Whether one OOD factor shows in a diagnosis, with the two numbers that decide it."""
+
+    factor: int
+    shows: bool
+    within: float  # the in-distribution reference
+    beyond: float  # the same statistic beyond the pretraining length (factor 3: the probe's best ROC-AUC)
+    sentence: str
+
+
+def factor_findings(summary: dict[str, Any], length: int, train_length: int) -> list[Finding]:
+    """The three factors in a :meth:`Diagnosis.summary` of ``length`` tokens, each worded from its numbers.
+
+    1. Unseen distances: the largest logit at distances beyond the pretraining length exceeds the largest at
+       distances within it (logits leave the range seen in training).
+    2. Too many tokens: the mean attention entropy beyond the pretraining length exceeds the mean over the
+       second half of it (entropy climbs with the number of keys).
+    3. Starting tokens: a linear probe on hidden states tells the first ``n_global`` positions from the rest
+       (best ROC-AUC over the probed layers ≥ :data:`SEPARABLE_AUC`)."""
+
+    def number(key: str) -> float:
+        value = summary.get(key)
+        return math.nan if value is None else float(value)
+
+    findings = []
+    within, beyond = number("max_logit_within"), number("max_logit_beyond")
+    if math.isnan(beyond):
+        sentence = f"Factor 1 cannot show: no distance reaches the pretraining length ({train_length}) at {length} tokens."
+        findings.append(Finding(1, False, within, beyond, sentence))
+    elif beyond > within:
+        sentence = (
+            f"Factor 1 shows: the largest attention logit at distances beyond {train_length} is "
+            f"{format_number(beyond)}, above the {format_number(within)} seen within."
+        )
+        findings.append(Finding(1, True, within, beyond, sentence))
+    else:
+        sentence = (
+            f"Factor 1 does not show at {length} tokens: the largest logit at unseen distances "
+            f"({format_number(beyond)}) stays below the largest within {train_length} ({format_number(within)}); "
+            "longer inputs reach farther distances (try --length 2 × L or more)."
+        )
+        findings.append(Finding(1, False, within, beyond, sentence))
+    within, beyond = number("entropy_late_within"), number("entropy_beyond")
+    shows = beyond > within
+    verb = "shows" if shows else "does not show"
+    relation = "above" if shows else "not above"
+    sentence = (
+        f"Factor 2 {verb}: mean attention entropy beyond {train_length} is {format_number(beyond)} nats, "
+        f"{relation} the {format_number(within)} of the second half of the pretraining length."
+    )
+    findings.append(Finding(2, shows, within, beyond, sentence))
+    aucs = {
+        key: float(value)
+        for key, value in summary.items()
+        if key.endswith("start_token_roc_auc") and value is not None
+    }
+    best_key = max(aucs, key=aucs.get, default=None)
+    auc = aucs.get(best_key, math.nan)
+    shows = auc >= SEPARABLE_AUC
+    layer = best_key.removeprefix("probe_layer").split("_")[0] if best_key else "?"
+    sink = number("sink_mass_within")
+    sentence = (
+        f"Factor 3 {'shows' if shows else 'does not show'}: a linear probe tells the starting tokens from the rest "
+        f"with ROC-AUC {format_number(auc)} (layer {layer}), and queries within the pretraining length put "
+        f"{format_number(100 * sink)}% of their attention on them."
+    )
+    findings.append(Finding(3, shows, sink, auc, sentence))
+    return findings
+
+
+__all__ = [
+    "Finding",
+    "TheoryReport",
+    "check_theory",
+    "entropy_growth_fit",
+    "entropy_lower_bound",
+    "factor_findings",
+    "logit_growth",
+]

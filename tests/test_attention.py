@@ -23,12 +23,12 @@ DEVICE = torch.device(os.environ.get("OODLENS_TEST_DEVICE", "cpu"))
 
 POLICY_CASES = {
     "lm-infinite": (
-        lm_infinite(n_global=3, n_local=20, distance_limit=24),
-        dict(window=20, n_global=3, distance_limit=24),
+        lm_infinite(n_global=3, n_local=20, distance_limit=16),
+        dict(window=20, n_global=3, distance_limit=16),
     ),
     "lm-infinite-top-k": (
-        lm_infinite(n_global=3, n_local=20, distance_limit=24, top_k=2, top_k_from_layer=1),
-        dict(window=20, n_global=3, distance_limit=24, top_k=2, top_k_from_layer=1),
+        lm_infinite(n_global=3, n_local=20, distance_limit=16, top_k=2, top_k_from_layer=1),
+        dict(window=20, n_global=3, distance_limit=16, top_k=2, top_k_from_layer=1),
     ),
     "lambda": (lambda_mask(n_global=3, n_local=20), dict(window=20, n_global=3)),
     "window": (window(20), dict(window=20)),
@@ -73,7 +73,7 @@ def test_policy_matches_dense_reference(family_model, case):
 
 def test_block_size_does_not_change_results(family_model):
     ids = _ids(family_model)
-    policy = lm_infinite(n_global=3, n_local=20, distance_limit=24)
+    policy = lm_infinite(n_global=3, n_local=20, distance_limit=16)
     with torch.no_grad():
         outs = []
         for block in (5, 16, 64):
@@ -120,7 +120,7 @@ def test_bounded_cache_decoding_equals_full_forward(family_model, chunk):
     with (
         torch.no_grad(),
         apply_policy(
-            family_model, lm_infinite(n_global=3, n_local=20, distance_limit=24), train_length=64
+            family_model, lm_infinite(n_global=3, n_local=20, distance_limit=16), train_length=64
         ) as handle,
     ):
         full = family_model(ids).logits
@@ -142,7 +142,7 @@ def test_dynamic_cache_decoding_equals_full_forward(family_model):
         torch.no_grad(),
         apply_policy(
             family_model,
-            lm_infinite(n_global=3, n_local=20, distance_limit=24, top_k=2, top_k_from_layer=0),
+            lm_infinite(n_global=3, n_local=20, distance_limit=16, top_k=2, top_k_from_layer=0),
             train_length=64,
         ),
     ):
@@ -166,7 +166,7 @@ def test_left_padded_batch_matches_unpadded_rows():
     with (
         torch.no_grad(),
         oodlens.apply_lm_infinite(
-            model, n_global=3, n_local=20, distance_limit=24, train_length=64
+            model, n_global=3, n_local=20, distance_limit=16, train_length=64
         ) as handle,
     ):
         expected_short, expected_long = model(short).logits, model(long).logits
@@ -208,7 +208,7 @@ def test_learned_positions_get_a_clear_error():
 
 def test_bad_lengths_are_rejected():
     model = tiny_model("llama").model.to(DEVICE)
-    with pytest.raises(oodlens.OodlensError, match="positive"):
+    with pytest.raises(oodlens.OodlensError, match="n_local/window must be an integer ≥ 1"):
         oodlens.apply_lm_infinite(model, n_local=0)
     with pytest.raises(oodlens.OodlensError, match="unknown method"):
         oodlens.policy_by_name("streaming")

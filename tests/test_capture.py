@@ -33,7 +33,7 @@ LENGTH = 96
 TRAIN = 64
 TOL = 1e-5
 SINKS = 4
-LM_INFINITE = dict(n_global=3, n_local=20, distance_limit=24)
+LM_INFINITE = dict(n_global=3, n_local=20, distance_limit=16)
 RECORDER_NAME = "oodlens_test_recorder"
 
 CASES = [(family, "vanilla") for family in TINY_FAMILIES] + [
@@ -290,8 +290,8 @@ def test_restored_after_capture_and_after_errors():
 
     with pytest.raises(OodlensError, match="capture each length separately"):
         with capture(model, train_length=TRAIN) as session:
-            session.run(_ids(model))
             session.run(_ids(model, length=LENGTH // 2))
+            session.run(_ids(model))  # longer than the bins the first forward fixed
     _assert_restored(model, implementation)
 
 
@@ -431,3 +431,54 @@ def test_smollm2_max_logit_beyond_exceeds_within(smollm2_diagnosis):
     """Factor 1 as the paper states it; kept strict so that a change in the measurement shows up."""
     summary = smollm2_diagnosis.summary()
     assert summary["max_logit_beyond"] > summary["max_logit_within"]
+
+
+def test_padded_rows_count_only_their_real_tokens():
+    model = _model("llama")
+    long, short = _ids(model, length=80)[0], _ids(model, length=50, seed=1)[0]
+    padded = torch.full((2, 80), 7)
+    padded[0], padded[1, 30:] = long, short
+    mask = torch.ones(2, 80, dtype=torch.long)
+    mask[1, :30] = 0  # left padding
+    with capture(model, train_length=TRAIN) as session:
+        session.fix_length(80)
+        session.run(long[None])
+        session.run(short[None])
+    expected = session.result()
+    for given in ({"input_ids": padded, "attention_mask": mask}, padded):
+        got = diagnose(
+            model, given, attention_mask=None if isinstance(given, dict) else mask, train_length=TRAIN
+        )
+        assert got.meta["length"] == 80 and got.meta["n_windows"] == 2
+        counts = got.entropy_by_position().groupby(["layer", "head"])["count"].sum()
+        assert (counts == 80 + 50).all()  # never 2 × 80: the padding is not text
+        for kind in ("entropy_by_position", "logits_by_distance", "hidden_by_position"):
+            pd.testing.assert_frame_equal(got.to_dataframe(kind), expected.to_dataframe(kind))
+    holes = mask.clone()
+    holes[0, 40] = 0
+    with pytest.raises(OodlensError, match="padding between real tokens"):
+        diagnose(model, padded, attention_mask=holes, train_length=TRAIN)
+    with pytest.raises(OodlensError, match="at least 2 real tokens"):
+        diagnose(model, torch.zeros(1, 0, dtype=torch.long), train_length=TRAIN)
+
+
+def test_capture_under_autograd_keeps_gradients_and_statistics():
+    model = _model("llama")
+    ids = _ids(model)
+
+    def gradient():
+        model.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        return model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+
+    plain = gradient()
+    with capture(model, train_length=TRAIN) as session:
+        observed = gradient()
+    assert torch.allclose(observed, plain, atol=1e-5, rtol=1e-4)  # the engine's vanilla, with its backward
+    assert session.result().summary()["entropy_within"] > 0
+
+
+def test_diagnose_shows_progress_per_layer(capsys):
+    model = _model("llama")
+    diagnose(model, _ids(model), train_length=TRAIN, progress=True)
+    assert "capture vanilla, window 1" in capsys.readouterr().err

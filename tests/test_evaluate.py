@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from oodlens import evaluate
-from oodlens.evaluate import generation
 from oodlens.errors import OodlensError
+from oodlens.evaluate import generation
 from oodlens.policies import (
     EVERY_KEY,
     POLICIES,
@@ -24,7 +24,7 @@ from oodlens.policies import (
 )
 from oodlens.tiny import TINY_SLIDING_WINDOW, TINY_TRAIN_LENGTH, tiny_model
 
-STREAM_POLICY = lm_infinite(n_global=3, n_local=20, distance_limit=24)
+STREAM_POLICY = lm_infinite(n_global=3, n_local=20, distance_limit=16)
 
 
 def _ids(shape: tuple[int, ...], seed: int = 0) -> torch.LongTensor:
@@ -146,7 +146,7 @@ class _TokenCounter:
 @pytest.mark.parametrize(
     "policy, agrees_below",
     [
-        (lm_infinite(n_global=2, n_local=20, distance_limit=24), 20),  # key 0 moves to distance 24 at i = 20
+        (lm_infinite(n_global=2, n_local=20, distance_limit=16), 20),  # key 0 moves to distance 16 at i = 20
         (window(20), 20),  # key 0 leaves the window at i = 20
         # the limit acts only beyond the window: key 0 is first seen at distance 12 instead of 30 at i = 30
         (lm_infinite(n_global=2, n_local=30, distance_limit=12), 30),
@@ -174,7 +174,7 @@ def test_a_shared_prefix_gives_the_scores_of_separate_forwards(family):
     assert TINY_SLIDING_WINDOW < TINY_TRAIN_LENGTH
     ids = _ids((2, 2 * TINY_TRAIN_LENGTH - 10))
     policies = [policy_by_name(name) for name in POLICIES] + [
-        dataclasses.replace(lm_infinite(n_global=2, n_local=40, distance_limit=48), name="short-window")
+        dataclasses.replace(lm_infinite(n_global=2, n_local=40, distance_limit=32), name="short-window")
     ]
     results = {
         share: evaluate.perplexity_by_position(
@@ -218,7 +218,7 @@ def test_a_shared_prefix_is_computed_once_per_window(llama):
 
 
 def test_passkey_and_generation_give_the_same_answers_with_a_shared_prefix(llama):
-    policies = [vanilla(), lm_infinite(n_global=3, n_local=40, distance_limit=48)]
+    policies = [vanilla(), lm_infinite(n_global=3, n_local=40, distance_limit=32)]
     passkey, generation, tokens = {}, {}, {}
     for share in (True, False):
         counter = _TokenCounter(llama.model)
@@ -268,7 +268,7 @@ def test_a_policy_that_attends_as_vanilla_over_prompt_and_answer_gives_vanillas_
         llama.model,
         llama.tokenizer,
         windows,
-        [vanilla(), lm_infinite(n_global=3, n_local=40, distance_limit=48)],
+        [vanilla(), lm_infinite(n_global=3, n_local=40, distance_limit=32)],
         milestones=[30, 36, 60],  # 30 + 10 new tokens: last query at 38 < 40; 36 + 10: query 44 is past it
         new_tokens=10,
         train_length=TINY_TRAIN_LENGTH,
@@ -370,7 +370,7 @@ def test_truncated_baseline_of_a_prompt_that_fits_is_not_generated_twice(llama, 
 
 
 def test_passkey_retrieval_runs_with_real_generation(llama):
-    policy = lm_infinite(n_global=3, n_local=20, distance_limit=24)
+    policy = lm_infinite(n_global=3, n_local=20, distance_limit=16)
     result = evaluate.passkey_retrieval(
         llama.model,
         llama.tokenizer,

@@ -8,8 +8,8 @@ import shutil
 import pytest
 import torch
 
-from oodlens.attention import kernels
 from oodlens.attention import cpu_kernel as kernel
+from oodlens.attention import kernels
 from oodlens.capture import CaptureConfig, diagnose
 from oodlens.policies import lm_infinite
 from oodlens.tiny import tiny_model

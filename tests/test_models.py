@@ -13,7 +13,6 @@ import torch
 from transformers import AutoModelForCausalLM, BloomConfig, OPTConfig
 
 from oodlens import models
-from oodlens.models import gguf as gguf_loading
 from oodlens.errors import OodlensError
 from oodlens.models import (
     GGUF_CACHE_COMPLETE,
@@ -25,6 +24,7 @@ from oodlens.models import (
     resolve_device,
     resolve_dtype,
 )
+from oodlens.models import gguf as gguf_loading
 from oodlens.tiny import TINY_FAMILIES, byte_tokenizer, tiny_model
 
 # family -> (config.model_type, n_layers, n_kv_heads, position_encoding, rotary_fraction, rope_interleaved,
@@ -340,9 +340,55 @@ def test_gguf_loads_where_the_cache_cannot_be_written(gguf_read_by_a_tiny_model,
 def test_hub_id_fails_fast_when_offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     started = time.perf_counter()
-    with pytest.raises(OodlensError, match="offline; pass a local model folder or .gguf path"):
+    with pytest.raises(OodlensError, match="not in the local Hugging Face cache and HF_HUB_OFFLINE is set"):
         load_model("HuggingFaceTB/SmolLM2-135M")
     assert time.perf_counter() - started < 10
+
+
+def _hub_cache_with_tiny_llama(cache: Path) -> str:
+    """A Hugging Face hub cache holding one model, ``oodlens-test/tiny-llama``, as the hub would lay it out."""
+    tiny = tiny_model("llama")
+    snapshot = cache / "models--oodlens-test--tiny-llama" / "snapshots" / "0123abcd"
+    tiny.model.save_pretrained(snapshot)
+    tiny.tokenizer.save_pretrained(snapshot)
+    (cache / "models--oodlens-test--tiny-llama" / "refs").mkdir()
+    (cache / "models--oodlens-test--tiny-llama" / "refs" / "main").write_text("0123abcd")
+    return "oodlens-test/tiny-llama"
+
+
+def test_hub_id_in_the_local_cache_loads_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    name = _hub_cache_with_tiny_llama(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # from_pretrained options pass through: the cache folder and the attention implementation
+    loaded = load_model(name, cache_dir=str(tmp_path), attn_implementation="eager")
+    expected = tiny_model("llama").model
+    ids = torch.randint(3, 200, (1, 20))
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(ids).logits, expected(ids).logits, atol=1e-5)
+    assert loaded.model.config._attn_implementation == "eager" and loaded.info.train_length == 64
+
+
+def test_from_pretrained_options_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(OodlensError, match="either device='cpu' or device_map"):
+        load_model("tiny:llama", device="cpu", device_map="auto")
+    with pytest.raises(OodlensError, match="take no from_pretrained options"):
+        load_model("tiny:llama", revision="main")
+    assert models.parse_model_args("device_map=auto, revision=v1,trust_remote_code=true,x=2") == {
+        "device_map": "auto",
+        "revision": "v1",
+        "trust_remote_code": True,
+        "x": 2,
+    }
+    with pytest.raises(OodlensError, match="key=value pairs"):
+        models.parse_model_args("device_map")
+
+
+def test_a_misspelled_built_in_name_gets_a_suggestion(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OodlensError, match=r"did you mean 'smollm2'\?"):
+        load_model("smolm2")
+    with pytest.raises(OodlensError, match=r"did you mean 'tiny:llama'\?"):
+        load_model("tiny-llama")
 
 
 def test_hub_id_fails_fast_when_hub_unreachable(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,11 +13,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
-from matplotlib.collections import PolyCollection  # noqa: E402
+from matplotlib.collections import PolyCollection
+from matplotlib.container import BarContainer, ErrorbarContainer  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from oodlens import plotting  # noqa: E402
-from oodlens.errors import OodlensError  # noqa: E402
+from oodlens.errors import OodlensError
+from oodlens.stats import wilson_interval  # noqa: E402
 
 TRAIN = 64
 LAYERS = (0, 1)
@@ -254,8 +256,12 @@ def test_method_colors_are_fixed_and_colour_blind_safe():
         == plotting.method_color("after")
         == plotting.method_color("lm_infinite")
     )
-    assert len(set(plotting.METHOD_COLORS.values())) == len(plotting.METHOD_COLORS)
-    assert set(plotting.METHOD_COLORS.values()) <= set(plotting.OKABE_ITO.values())
+    # every method has its own look (colour, dashes, marker), the distance limit and ReRoPE being one method
+    looks = {name: str(style) for name, style in plotting.METHOD_STYLES.items() if name != "rerope"}
+    assert len(set(looks.values())) == len(looks)
+    assert plotting.METHOD_STYLES["rerope"] == plotting.METHOD_STYLES["distance-limit"]
+    darkened_yellow = {"#8C6D00"}
+    assert set(plotting.METHOD_COLORS.values()) <= set(plotting.OKABE_ITO.values()) | darkened_yellow
     assert plotting.method_color("some-new-method") == plotting.method_color("some-new-method")
 
 
@@ -282,7 +288,7 @@ def test_logits_by_distance_overlays_before_after(tmp_path):
     (ax,) = fig.axes
     assert len(data_lines(ax)) == 2 and len(bands(ax)) == 2 and has_train_marker(ax)
     assert legend_labels(fig) == ["before", "after", "pretraining length (64)"]
-    assert ax.get_xscale() == "log"
+    assert ax.get_xscale() == "linear"  # as in the paper: the distances beyond L get the room they need
     before = data_lines(ax)[0]
     assert before.get_color() == plotting.method_color("vanilla")
     assert np.all(np.diff(before.get_ydata()) >= 0)  # running max never falls
@@ -310,6 +316,18 @@ def test_existing_ax_is_used_and_facet_with_ax_refused():
     assert len(data_lines(right)) == 1 and not left.get_lines()
     with pytest.raises(OodlensError, match="ax=None"):
         plotting.plot_logits_by_distance(logits_frame(), facet=True, ax=left)
+
+
+def test_plots_given_an_ax_keep_their_legend_inside_it():
+    fig, axes = plt.subplots(1, 4)
+    plotting.plot_logits_by_distance(
+        {"before": logits_frame(), "after": logits_frame(fixed=True)}, TRAIN, ax=axes[0]
+    )
+    plotting.plot_perplexity_by_position(perplexity_frame(), TRAIN, ax=axes[1])
+    plotting.plot_passkey(passkey_frame(), TRAIN, ax=axes[2])
+    plotting.plot_method_comparison(comparison_frame(), ax=axes[3])
+    assert fig.legends == []  # nothing drawn over the other panels
+    assert all(ax.get_legend() is not None for ax in axes)
 
 
 def test_max_logit_by_position(tmp_path):
@@ -349,17 +367,30 @@ def test_hidden_norm_rows_are_metrics_columns_layers(tmp_path):
 
 
 def test_hidden_pca_single_and_before_after(tmp_path):
-    fig = plotting.plot_hidden_pca(hidden_samples(), n_global=5)
+    samples = hidden_samples()
+    fig = plotting.plot_hidden_pca(samples, n_global=5)
     panels = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
     assert [ax.get_title() for ax in panels] == ["layer 0", "layer 1"]
-    assert all(len(ax.collections) == 2 for ax in panels)  # all points, then the first tokens on top
-    first = panels[0].collections[1]
-    assert len(first.get_offsets()) == 10  # positions 0–4 of two sequences
+    for ax in panels:  # every point drawn once: the rest, the first tokens, and any off-scale ones
+        assert sum(len(c.get_offsets()) for c in ax.collections) == len(samples[0][0])
     assert len(fig.axes) == 3  # two panels and the colour bar
     fig = plotting.plot_hidden_pca({"before": hidden_samples(0), "after": hidden_samples(1)}, layers=[1])
     panels = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
     assert [ax.get_title() for ax in panels] == ["before · layer 1", "after · layer 1"]
     assert_saved(fig, tmp_path)
+
+
+def test_hidden_pca_is_not_taken_over_by_position_zero():
+    positions, vectors = hidden_samples()[0]
+    vectors = vectors.copy()
+    vectors[positions == 0] *= 1000  # a massive activation, as real models have at position 0
+    fig = plotting.plot_hidden_pca({0: (positions, vectors)}, n_global=5)
+    panel = fig.axes[0]
+    share = float(panel.get_xlabel().split("(")[1].rstrip("%)"))
+    assert share < 90  # PC1 describes the other positions, not position 0 alone
+    offscale = [c for c in panel.collections if c.get_label() == "off-scale (at the edge)"]
+    assert offscale and (offscale[0].get_array() == 1).sum() == 2  # position 0 of both sequences, pinned
+    assert len(np.unique(np.round(panel.collections[0].get_offsets()[:, 0], 3))) > 50  # structure, not a line
 
 
 def test_hidden_pca_reads_objects_and_subsamples():
@@ -372,7 +403,8 @@ def test_hidden_pca_reads_objects_and_subsamples():
     fig = plotting.plot_hidden_pca(Diagnosis(), max_points=100, n_global=5)
     (panel,) = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
     assert sum(len(c.get_offsets()) for c in panel.collections) == 100
-    assert len(panel.collections[1].get_offsets()) == 10  # the first tokens are always kept
+    kept = [c for c in panel.collections if c.get_label() in ("positions < 5", "off-scale (at the edge)")]
+    assert sum(len(c.get_offsets()) for c in kept) >= 10  # the first tokens are always kept
     with pytest.raises(OodlensError, match="no layer 5"):
         plotting.plot_hidden_pca(hidden_samples(), layers=[5])
 
@@ -419,44 +451,61 @@ def test_perplexity_before_after_dict_uses_labels():
     assert legend_labels(fig) == ["before", "after", "pretraining length (64)"]
 
 
-def test_passkey_heatmap(tmp_path):
-    fig = plotting.plot_passkey_heatmap(passkey_frame(), TRAIN)
-    panels = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
-    assert [ax.get_title() for ax in panels] == ["vanilla", "lm-infinite"]
-    assert len(fig.axes) == 3
-    for ax in panels:
-        assert len(ax.texts) == 12  # 4 lengths × 3 depths
-        assert has_train_marker(ax, x=2)  # between the 64 and 128 columns
-        (mesh,) = ax.collections
-        assert mesh.get_clim() == (0, 1)
-    values = {t.get_text() for t in panels[0].texts}
-    assert {"0.67", "0.00"} <= values
-    assert [t.get_text() for t in panels[0].get_xticklabels()] == ["32", "64", "128", "256"]
+def errorbar_points(ax) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per labelled errorbar series: x, y and the (low, high) ends of its bars."""
+    found = {}
+    for container in ax.containers:
+        if isinstance(container, ErrorbarContainer) and container.get_label():
+            line, _, (bars,) = container.lines
+            ends = np.array([segment[:, 1] for segment in bars.get_segments()])
+            found[container.get_label()] = (line.get_xdata(), line.get_ydata(), ends)
+    return found
+
+
+def test_passkey_accuracy_with_wilson_intervals(tmp_path):
+    frame = passkey_frame()
+    fig = plotting.plot_passkey(frame, TRAIN)
+    (ax,) = fig.axes
+    points = errorbar_points(ax)
+    assert list(points) == ["vanilla", "lm-infinite"] and has_train_marker(ax)
+    for method, (x, y, ends) in points.items():
+        cells = frame[frame["method"] == method].groupby("length")["correct"]
+        k, n = cells.sum().to_numpy(), cells.size().to_numpy()
+        low, high = wilson_interval(k, n)
+        assert np.allclose(y, k / n) and np.allclose(ends[:, 0], low) and np.allclose(ends[:, 1], high)
+        assert np.all(np.abs(x - cells.sum().index.to_numpy()) < 0.1 * 32)  # only nudged apart
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["32", "64", "128", "256"]
     assert_saved(fig, tmp_path)
 
 
 def test_method_comparison_grouped_and_faceted(tmp_path):
     fig = plotting.plot_method_comparison(comparison_frame())
     (ax,) = fig.axes
-    assert len(ax.containers) == 3  # one bar container per method
-    assert all(len(c) == 2 for c in ax.containers)  # two metrics each
+    bars = [c for c in ax.containers if isinstance(c, BarContainer)]
+    assert len(bars) == 3 and all(len(c) == 2 for c in bars)  # one bar per metric for each method
     assert legend_labels(fig) == ["vanilla", "lm-infinite", "window"]
-    assert (
-        matplotlib.colors.to_hex(ax.containers[0][0].get_facecolor())
-        == plotting.method_color("vanilla").lower()
-    )
+    assert matplotlib.colors.to_hex(bars[0][0].get_facecolor()) == plotting.method_color("vanilla").lower()
+    assert [t.get_text() for t in ax.get_xticklabels()] == list(comparison_frame()["metric"].unique())
     assert_saved(fig, tmp_path)
     fig = plotting.plot_method_comparison(comparison_frame(), facet=True, metrics=["ROUGE-L"])
-    assert [ax.get_title() for ax in fig.axes] == ["ROUGE-L"]
+    assert [ax.get_title() for ax in fig.axes] == ["ROUGE-L"] and fig.axes[0].get_ylabel() == "ROUGE-L"
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["vanilla", "lm-infinite", "window"]
     with pytest.raises(OodlensError, match="'BLEU'"):
         plotting.plot_method_comparison(comparison_frame(), metrics=["BLEU"])
 
 
 def test_generation_quality(tmp_path):
-    fig = plotting.plot_generation_quality(generation_frame(), TRAIN)
+    frame = generation_frame()
+    fig = plotting.plot_generation_quality(frame, TRAIN)
     assert [ax.get_ylabel() for ax in fig.axes] == ["BLEU", "ROUGE-L"]
-    for ax in fig.axes:
-        assert len(data_lines(ax)) == 2 and len(bands(ax)) == 2 and has_train_marker(ax)
+    for ax, column in zip(fig.axes, ("bleu", "rouge_l"), strict=True):
+        points = errorbar_points(ax)
+        assert list(points) == ["vanilla", "lm-infinite"] and has_train_marker(ax)
+        cells = frame[frame["method"] == "vanilla"].groupby("milestone")[column]
+        x, y, ends = points["vanilla"]
+        assert np.allclose(y, cells.mean().to_numpy())
+        assert np.all(ends[:, 0] <= y + 1e-12) and np.all(ends[:, 1] >= y - 1e-12)
+        assert np.all(ends[:, 1] > ends[:, 0])  # several windows: a real interval
     assert_saved(fig, tmp_path)
 
 
@@ -482,7 +531,7 @@ MISSING_COLUMN_CASES: list[tuple[Callable, Callable[[], pd.DataFrame], str]] = [
     (plotting.plot_sink_mass, entropy_frame, "sink_mass"),
     (plotting.plot_hidden_norm, hidden_frame, "cosine_to_later"),
     (plotting.plot_perplexity_by_position, perplexity_frame, "n_tokens"),
-    (plotting.plot_passkey_heatmap, passkey_frame, "correct"),
+    (plotting.plot_passkey, passkey_frame, "correct"),
     (plotting.plot_generation_quality, generation_frame, "rouge_l"),
     (plotting.plot_method_comparison, comparison_frame, "metric"),
 ]

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from oodlens.models import gguf
-from oodlens.models import LoadedModel, ModelInfo, load_model, smollm2_gguf_path
+from oodlens.models import LoadedModel, ModelInfo, gguf, load_model, smollm2_gguf_path
 
 pytestmark = pytest.mark.slow
 

@@ -134,7 +134,7 @@ def tiny_diagnoses():
         "lm-infinite": diagnose(
             model,
             ids,
-            lm_infinite(n_global=3, n_local=20, distance_limit=24),
+            lm_infinite(n_global=3, n_local=20, distance_limit=16),
             config=config,
             train_length=TRAIN,
         ),

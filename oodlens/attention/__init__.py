@@ -21,9 +21,25 @@ keys appended to the values, so the full score matrix is never formed.
 from .blockwise import DEFAULT_BLOCK
 from .interface import ATTENTION_NAME, Binding, bind, binding_of, register, unbind
 from .kernels import explicit_logits, fused_kernel_works, run_segment
-from .plan import AttentionObserver, BlockStats, KeyLayout, KeySource, LayerPlan
+from .plan import (
+    IDENTITY,
+    AttentionObserver,
+    BlockStats,
+    ChunkPlan,
+    KeyLayout,
+    KeySource,
+    LayerPlan,
+    PositionMap,
+    QueryScale,
+    fixed,
+)
 
 __all__ = [
+    "IDENTITY",
+    "ChunkPlan",
+    "PositionMap",
+    "QueryScale",
+    "fixed",
     "ATTENTION_NAME",
     "DEFAULT_BLOCK",
     "AttentionObserver",

@@ -1,5 +1,19 @@
 """The blockwise routine: for each block of queries, the key segments a layer's plan names, run by a
-kernel and merged by log-sum-exp, plus the statistics observers want. Memory O(n · block), never n × n."""
+kernel and merged by log-sum-exp, plus the statistics observers want. Memory O(n · block), never n × n.
+
+A band plan (every method but DCA) splits the keys of a block of queries ``[i_first, i_last]`` with window W:
+
+    diagonal                keys [i_first, i_last]             causal kernel call
+    local, all rows         keys (i_last - W, i_first)         no mask
+    local, leading triangle keys (i_first - W, i_last - W]     small mask (local for some rows)
+    far, all rows           far keys ≤ i_first - W             no mask, query and keys moved
+    far, trailing triangle  far keys in (i_first - W, i_last - W]  small mask, moved
+
+Far keys are the first ``n_global`` keys (every key for the distance limit, Self-Extend, ReRoPE, STRING), moved
+to the plan's key position map; the queries of a far segment are moved to its query position map. A chunk
+plan (DCA) cuts query blocks at chunk boundaries and splits keys into the own chunk (true positions), the
+previous chunk and the older ones (moved). Observers' sampled logit rows and sink mass are computed from the
+same segments, so they are exactly the logits the model used."""
 
 from __future__ import annotations
 
@@ -8,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .kernels import NEG_INF, Partial, Segment, expand_kv, explicit_logits, merge_partials, run_segment
-from .plan import AttentionObserver, BlockStats, LayerPlan
+from .plan import AttentionObserver, BlockStats, LayerPlan, PositionMap, fixed
 
 
 @dataclass
@@ -16,7 +30,8 @@ class RowGroup:
     """Queries and keys of batch rows that share positions (all rows, or one padded row).
 
     ``q_pos``/``k_pos`` are real positions (0 = first real token); the model rotated each query and key at its
-    real position plus ``rotation_offset`` (the row's padding, or its ``position_ids`` offset).
+    real position plus ``rotation_offset`` (the row's padding, or its ``position_ids`` offset). ``moved_keys``
+    holds the keys at the plan's key position map, made once per layer call.
     """
 
     query: torch.Tensor
@@ -25,7 +40,7 @@ class RowGroup:
     q_pos: torch.Tensor
     k_pos: torch.Tensor
     rotation_offset: int
-    far_keys: torch.Tensor | None = field(default=None)
+    moved_keys: torch.Tensor | None = field(default=None)
     unrotated_keys: torch.Tensor | None = field(default=None)
 
 
@@ -34,82 +49,100 @@ OBSERVED_BLOCK = 512
 MATH_BLOCK = 128
 
 
-def _far_queries(
-    plan: LayerPlan, group: RowGroup, q: torch.Tensor, pos: torch.Tensor, distance: int
+def _moved(
+    plan: LayerPlan, group: RowGroup, x: torch.Tensor, pos: torch.Tensor, to: PositionMap
 ) -> torch.Tensor:
-    """Queries re-rotated so that an unrotated key sits at ``distance`` from them."""
-    rotation = pos + group.rotation_offset
-    return plan.rotary.move(q, rotation, torch.full_like(rotation, distance))
+    """``x`` (queries or keys at real positions ``pos``) re-rotated to the positions ``to`` gives them."""
+    if to.is_identity:
+        return x
+    rotated_at = pos + group.rotation_offset
+    return plan.rotary.move(x, rotated_at, to(pos))
 
 
-def _unrotated(plan: LayerPlan, group: RowGroup, keys: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    return plan.rotary.rotate(keys, pos + group.rotation_offset, sign=-1.0)
+def _index(positions: torch.Tensor, value: int) -> int:
+    """How many of the sorted ``positions`` are below ``value``."""
+    return int(torch.searchsorted(positions, torch.tensor(value, device=positions.device)))
 
 
-def _block_segments(plan: LayerPlan, group: RowGroup, start: int, stop: int) -> list[Segment]:
-    """The segments of query rows ``[start, stop)``; diagonal first so every row's lse is finite early."""
+def _rows_with(mask: torch.Tensor) -> slice:
+    rows = mask.any(-1).nonzero()
+    return slice(int(rows[0]), int(rows[-1]) + 1)
+
+
+def _diagonal(group: RowGroup, start: int, stop: int, window: int | None) -> tuple[Segment, int]:
+    """The keys at the block's own positions (a query always sees itself), and where they begin."""
     q = group.query[:, :, start:stop]
-    q_pos = group.q_pos[start:stop]
-    k_pos = group.k_pos
-    first, last = int(q_pos[0]), int(q_pos[-1])
-    window = plan.window
-    segments: list[Segment] = []
-
-    # Diagonal: keys at the block's own positions (always present: a query sees itself).
-    d_lo, d_hi = torch.searchsorted(k_pos, torch.tensor([first, last + 1], device=k_pos.device)).tolist()
+    q_pos, k_pos = group.q_pos[start:stop], group.k_pos
+    d_lo, d_hi = _index(k_pos, int(q_pos[0])), _index(k_pos, int(q_pos[-1]) + 1)
+    keys, values = group.key[:, :, d_lo:d_hi], group.value[:, :, d_lo:d_hi]
     if d_hi - d_lo == stop - start and (window is None or window >= stop - start):
-        segments.append(
-            Segment(
-                slice(0, stop - start), q, group.key[:, :, d_lo:d_hi], group.value[:, :, d_lo:d_hi], "causal"
-            )
-        )
-    else:
-        mask = k_pos[d_lo:d_hi][None] <= q_pos[:, None]
-        if window is not None:
-            mask &= k_pos[d_lo:d_hi][None] > q_pos[:, None] - window
-        segments.append(
-            Segment(slice(0, stop - start), q, group.key[:, :, d_lo:d_hi], group.value[:, :, d_lo:d_hi], mask)
-        )
+        return Segment(slice(0, stop - start), q, keys, values, "causal", slice(d_lo, d_hi)), d_lo
+    mask = k_pos[d_lo:d_hi][None] <= q_pos[:, None]
+    if window is not None:
+        mask &= k_pos[d_lo:d_hi][None] > q_pos[:, None] - window
+    return Segment(slice(0, stop - start), q, keys, values, mask, slice(d_lo, d_hi)), d_lo
 
-    # Keys before the block inside the local band.
-    lowest_local = -1 if window is None else first - window  # keys must be > this for the first query
-    all_see = -1 if window is None else last - window  # keys > this are local for every query in the block
-    lo = int(torch.searchsorted(k_pos, torch.tensor(lowest_local + 1, device=k_pos.device)))
-    mid = int(torch.searchsorted(k_pos, torch.tensor(all_see + 1, device=k_pos.device)))
-    mid = max(mid, lo)
+
+def _band_segments(plan: LayerPlan, group: RowGroup, start: int, stop: int) -> list[Segment]:
+    """The segments of query rows ``[start, stop)`` under a band plan (see the module docstring); the
+    diagonal first, so every row's log-sum-exp is finite from the start."""
+    q = group.query[:, :, start:stop]
+    q_pos, k_pos = group.q_pos[start:stop], group.k_pos
+    first, last = int(q_pos[0]), int(q_pos[-1])
+    window, every = plan.window, slice(0, stop - start)
+    diagonal, d_lo = _diagonal(group, start, stop, window)
+    segments = [diagonal]
+    lo = 0 if window is None else _index(k_pos, first - window + 1)  # keys ≥ lo are local for the first row
+    mid = 0 if window is None else max(_index(k_pos, last - window + 1), lo)  # ≥ mid: local for every row
     if d_lo > mid:
-        segments.append(
-            Segment(slice(0, stop - start), q, group.key[:, :, mid:d_lo], group.value[:, :, mid:d_lo])
-        )
+        keys = slice(mid, d_lo)
+        segments.append(Segment(every, q, group.key[:, :, keys], group.value[:, :, keys], None, keys))
     if min(mid, d_lo) > lo:
-        hi = min(mid, d_lo)
-        mask = k_pos[lo:hi][None] > q_pos[:, None] - window
-        rows = mask.any(-1).nonzero()
-        r0, r1 = int(rows[0]), int(rows[-1]) + 1
+        keys = slice(lo, min(mid, d_lo))
+        mask = k_pos[keys][None] > q_pos[:, None] - window
+        rows = _rows_with(mask)
         segments.append(
-            Segment(
-                slice(r0, r1), q[:, :, r0:r1], group.key[:, :, lo:hi], group.value[:, :, lo:hi], mask[r0:r1]
-            )
+            Segment(rows, q[:, :, rows], group.key[:, :, keys], group.value[:, :, keys], mask[rows], keys)
         )
+    if window is None or plan.n_global <= 0:
+        return segments
+    far_hi = min(_index(k_pos, plan.n_global) if plan.n_global < last + 1 else len(k_pos), mid)
+    far_keys = group.key if group.moved_keys is None else group.moved_keys
+    for keys in (slice(0, min(far_hi, lo)), slice(lo, far_hi)):  # far for every row, then the triangle
+        if keys.stop <= keys.start:
+            continue
+        mask = k_pos[keys][None] <= q_pos[:, None] - window
+        rows = _rows_with(mask)
+        far_q = _moved(plan, group, q[:, :, rows], q_pos[rows], plan.far_query)
+        full = bool(mask[rows].all())
+        segment = Segment(
+            rows, far_q, far_keys[:, :, keys], group.value[:, :, keys], None if full else mask[rows], keys
+        )
+        segments.append(segment)
+    return segments
 
-    # Far keys: starting tokens that are outside the band for at least the block's last query. They are
-    # seen at the distance limit (or at their true distance when the policy keeps it).
-    if window is not None and plan.n_global > 0:
-        far_hi = min(int(torch.searchsorted(k_pos, torch.tensor(plan.n_global, device=k_pos.device))), mid)
-        if far_hi > 0:
-            mask = k_pos[:far_hi][None] <= q_pos[:, None] - window
-            rows = mask.any(-1).nonzero()
-            r0, r1 = int(rows[0]), int(rows[-1]) + 1
-            if plan.far_distance is None:
-                far_q, far_k = q[:, :, r0:r1], group.key[:, :, :far_hi]
-            else:
-                far_q = _far_queries(plan, group, q[:, :, r0:r1], q_pos[r0:r1], plan.far_distance)
-                far_k = group.far_keys[:, :, :far_hi]
-            full = bool(mask[r0:r1].all())
+
+def _chunk_segments(plan: LayerPlan, group: RowGroup, start: int, stop: int) -> list[Segment]:
+    """The segments of query rows ``[start, stop)``, all in one chunk, under dual chunk attention: the own
+    chunk at true positions, the previous chunk and the older chunks with their query positions; every key
+    at ``j mod chunk``."""
+    q = group.query[:, :, start:stop]
+    q_pos, k_pos = group.q_pos[start:stop], group.k_pos
+    chunk, every = plan.chunk.chunk, slice(0, stop - start)
+    begins = int(q_pos[0]) // chunk * chunk
+    diagonal, d_lo = _diagonal(group, start, stop, None)
+    own, previous = _index(k_pos, begins), _index(k_pos, begins - chunk)
+    segments = [diagonal]
+    if d_lo > own:
+        keys = slice(own, d_lo)
+        segments.append(Segment(every, q, group.key[:, :, keys], group.value[:, :, keys], None, keys))
+    for keys, query_map in zip(
+        (slice(previous, own), slice(0, previous)), plan.chunk.query_maps(), strict=True
+    ):
+        if keys.stop > keys.start:
+            moved_q = _moved(plan, group, q, q_pos, query_map)
             segments.append(
-                Segment(
-                    slice(r0, r1), far_q, far_k, group.value[:, :, :far_hi], None if full else mask[r0:r1]
-                )
+                Segment(every, moved_q, group.moved_keys[:, :, keys], group.value[:, :, keys], None, keys)
             )
     return segments
 
@@ -126,17 +159,13 @@ def _top_k_partial(
     """Each head's ``top_k`` highest-logit middle keys (not global, not local), seen at ``top_k_distance``."""
     q_pos = group.q_pos[start:stop]
     k_pos = group.k_pos
-    middle_lo = int(torch.searchsorted(k_pos, torch.tensor(plan.n_global, device=k_pos.device)))
-    middle_hi = int(
-        torch.searchsorted(k_pos, torch.tensor(int(q_pos[-1]) - plan.window + 1, device=k_pos.device))
-    )
+    middle_lo = _index(k_pos, plan.n_global)
+    middle_hi = _index(k_pos, int(q_pos[-1]) - plan.window + 1)
     if middle_hi <= middle_lo:
         return None
     valid = k_pos[middle_lo:middle_hi][None] <= q_pos[:, None] - plan.window
-    rows = valid.any(-1).nonzero()
-    r0 = int(rows[0])
-    rows_slice = slice(r0, stop - start)
-    q = _far_queries(plan, group, group.query[:, :, start + r0 : stop], q_pos[r0:], plan.top_k_distance)
+    r0 = int(valid.any(-1).nonzero()[0])
+    q = _moved(plan, group, group.query[:, :, start + r0 : stop], q_pos[r0:], fixed(plan.top_k_distance))
     keys = group.unrotated_keys[:, :, middle_lo:middle_hi]
     logits = explicit_logits(q, keys, scale, softcap).masked_fill(~valid[r0:], NEG_INF)
     k = min(plan.top_k, middle_hi - middle_lo)
@@ -151,61 +180,33 @@ def _top_k_partial(
     probs = torch.exp(best - lse.unsqueeze(-1)).nan_to_num(0.0)
     out = (probs.unsqueeze(-1) * chosen).sum(-2)
     mean = (probs * best.nan_to_num(neginf=0.0)).sum(-1) if want_mean else None
-    return rows_slice, Partial(out, lse, mean)
+    return slice(r0, stop - start), Partial(out, lse, mean)
 
 
-def _sampled_rows(
-    plan: LayerPlan, group: RowGroup, start: int, rows: torch.Tensor, scale: float, softcap: float | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Full logit rows (local + far keys as the policy sees them) for a few queries: ``[B,H,R,K]``, ``[R,K]``."""
-    index = start + rows
-    q = group.query[:, :, index]
-    q_pos = group.q_pos[index]
-    k_pos = group.k_pos
-    distance = q_pos[:, None] - k_pos[None]
-    local = distance >= 0
-    if plan.window is not None:
-        local &= distance < plan.window
-    logits = explicit_logits(q, group.key, scale, softcap).masked_fill(~local, NEG_INF)
-    if plan.window is not None and plan.n_global > 0:
-        far = (distance >= plan.window) & (k_pos[None] < plan.n_global)
-        if far.any():
-            far_hi = int(far.any(0).nonzero()[-1]) + 1
-            if plan.far_distance is None:
-                far_q, far_k = q, group.key[:, :, :far_hi]
-            else:
-                far_q = _far_queries(plan, group, q, q_pos, plan.far_distance)
-                far_k = group.far_keys[:, :, :far_hi]
-            far_logits = explicit_logits(far_q, far_k, scale, softcap)
-            logits[..., :far_hi] = torch.where(far[:, :far_hi], far_logits, logits[..., :far_hi])
-    return logits, distance
+def _prepare(plan: LayerPlan, group: RowGroup) -> None:
+    """Per layer call: scale the queries, and move the keys that far or chunk segments see elsewhere."""
+    if plan.query_scale is not None:
+        n_tokens = int(group.k_pos[-1]) + 1
+        factors = plan.query_scale.factors(group.q_pos, n_tokens).to(group.query.device, group.query.dtype)
+        group.query = group.query * factors[:, None]
+    if plan.chunk is not None:
+        group.moved_keys = _moved(plan, group, group.key, group.k_pos, plan.chunk.key_map())
+    elif plan.window is not None and plan.n_global > 0 and not plan.far_key.is_identity:
+        n_far = min(plan.n_global, group.key.shape[2])
+        group.moved_keys = _moved(plan, group, group.key[:, :, :n_far], group.k_pos[:n_far], plan.far_key)
+    if plan.top_k > 0:
+        group.unrotated_keys = _moved(plan, group, group.key, group.k_pos, fixed(0.0))
 
 
-def _sink_mass(
-    plan: LayerPlan,
-    group: RowGroup,
-    start: int,
-    stop: int,
-    lse: torch.Tensor,
-    n_sink: int,
-    scale: float,
-    softcap: float | None,
-) -> torch.Tensor:
-    """Probability mass ``[B, H, C]`` that each query puts on the first ``n_sink`` real tokens."""
-    n_keys = int(torch.searchsorted(group.k_pos, torch.tensor(n_sink, device=group.k_pos.device)))
-    if n_keys == 0:
-        return torch.zeros_like(lse)
-    sub = RowGroup(
-        group.query,
-        group.key[:, :, :n_keys],
-        group.value[:, :, :n_keys],
-        group.q_pos,
-        group.k_pos[:n_keys],
-        group.rotation_offset,
-        None if group.far_keys is None else group.far_keys[:, :, :n_keys],
-    )
-    logits, _ = _sampled_rows(plan, sub, start, torch.arange(stop - start, device=lse.device), scale, softcap)
-    return torch.exp(logits - lse.unsqueeze(-1)).sum(-1)
+def _blocks(plan: LayerPlan, group: RowGroup, block_size: int) -> list[tuple[int, int]]:
+    """Query row ranges of at most ``block_size``; under DCA none straddles a chunk boundary."""
+    n_queries = group.query.shape[2]
+    cuts = set(range(0, n_queries, block_size))
+    if plan.chunk is not None:
+        chunk_of = torch.div(group.q_pos, plan.chunk.chunk, rounding_mode="floor")
+        cuts |= set((torch.nonzero(chunk_of[1:] != chunk_of[:-1]).squeeze(-1) + 1).tolist())
+    edges = sorted(cuts | {n_queries})
+    return list(zip(edges[:-1], edges[1:], strict=True))
 
 
 def attend_group(
@@ -217,34 +218,25 @@ def attend_group(
     layer_idx: int,
     block_size: int | None,
 ) -> torch.Tensor:
-    """Attention for one row group; returns ``[B, Hq, Q, D]`` in the query dtype."""
+    """Attention for one row group; returns ``[B, Q, Hq, D]`` in the query dtype."""
     batch, heads, n_queries, dim = group.query.shape
     want_mean = observer is not None
-    if plan.window is not None and plan.far_distance is not None and plan.n_global > 0:
-        group.far_keys = _unrotated(
-            plan,
-            group,
-            group.key[:, :, : min(plan.n_global, group.key.shape[2])],
-            group.k_pos[: min(plan.n_global, group.key.shape[2])],
-        )
-    if plan.top_k > 0:
-        group.unrotated_keys = _unrotated(plan, group, group.key, group.k_pos)
+    _prepare(plan, group)
     if block_size is None:
         if softcap is not None:
             block_size = MATH_BLOCK  # the float32 reference kernel holds block × keys logits per head
         elif observer is not None:
             block_size = OBSERVED_BLOCK
-        else:  # one fused call covers plain causal attention; banded policies need blocks
+        else:  # one fused call covers plain causal attention; the other plans need blocks
             block_size = n_queries if plan.is_vanilla else DEFAULT_BLOCK
-        if plan.window is not None:
-            block_size = min(block_size, plan.window)
+    for bound in (plan.window, plan.chunk.chunk if plan.chunk is not None else None):
+        if bound is not None:
+            block_size = min(block_size, bound)
     output = torch.empty(batch, n_queries, heads, dim, dtype=group.query.dtype, device=group.query.device)
-    for start in range(0, n_queries, block_size):
-        stop = min(start + block_size, n_queries)
-        parts = [
-            (seg.rows, run_segment(seg, scale, softcap, want_mean))
-            for seg in _block_segments(plan, group, start, stop)
-        ]
+    build = _chunk_segments if plan.chunk is not None else _band_segments
+    for start, stop in _blocks(plan, group, block_size):
+        segments = build(plan, group, start, stop)
+        parts = [(seg.rows, run_segment(seg, scale, softcap, want_mean)) for seg in segments]
         if plan.top_k > 0:
             extra = _top_k_partial(plan, group, start, stop, scale, softcap, want_mean)
             if extra is not None:
@@ -256,18 +248,79 @@ def attend_group(
         )
         output[:, start:stop] = acc.out.transpose(1, 2).to(output.dtype)
         if observer is not None:
-            positions = group.q_pos[start:stop]
-            rows = observer.select_queries(positions)
-            sampled = (
-                _sampled_rows(plan, group, start, rows, scale, softcap) if rows.numel() else (None, None)
-            )
-            sink = (
-                _sink_mass(plan, group, start, stop, acc.lse, observer.n_global, scale, softcap)
-                if observer.n_global > 0
-                else None
-            )
-            observer.observe(
-                layer_idx,
-                BlockStats(positions, acc.lse, acc.lse - acc.mean_logit, sink, positions[rows], *sampled),
-            )
+            _observe(group, start, stop, segments, acc, scale, softcap, observer, layer_idx)
     return output
+
+
+def _segment_logits(
+    seg: Segment, rows: torch.Tensor, keys: slice, scale: float, softcap: float | None
+) -> torch.Tensor:
+    """Float32 logits ``[B, H, len(rows), keys]`` of the segment's rows ``rows`` (block indices inside
+    ``seg.rows``) against its keys ``keys`` (a part of ``seg.key_index``), ``-inf`` where its mask hides a key.
+    """
+    local = rows - seg.rows.start
+    begin = keys.start - seg.key_index.start
+    part = slice(begin, begin + keys.stop - keys.start)
+    logits = explicit_logits(seg.queries[:, :, local], seg.keys[:, :, part], scale, softcap)
+    if isinstance(seg.mask, torch.Tensor):
+        logits = logits.masked_fill(~seg.mask[local][:, part], NEG_INF)
+    elif seg.mask == "causal":
+        column = torch.arange(part.start, part.stop, device=logits.device)
+        logits = logits.masked_fill(column[None] > local[:, None], NEG_INF)
+    return logits
+
+
+@torch.no_grad()  # statistics for an observer, never part of a gradient
+def _observe(
+    group: RowGroup,
+    start: int,
+    stop: int,
+    segments: list[Segment],
+    acc: Partial,
+    scale: float,
+    softcap: float | None,
+    observer: AttentionObserver,
+    layer_idx: int,
+) -> None:
+    """Hand the observer the statistics of query rows ``[start, stop)``: entropy and log-sum-exp of every
+    row, the full logit rows of the rows it samples and every row's mass on the first ``n_global`` keys, both
+    rebuilt from the block's segments (top-k middle keys, where a plan has them, are left out of both)."""
+    positions = group.q_pos[start:stop]
+    rows = observer.select_queries(positions)
+    batch, heads = acc.lse.shape[:2]
+    sampled_logits = sampled_distances = None
+    if rows.numel():
+        sampled_logits = torch.full(
+            (batch, heads, rows.numel(), group.key.shape[2]), NEG_INF, device=acc.lse.device
+        )
+        for seg in segments:
+            inside = (rows >= seg.rows.start) & (rows < seg.rows.stop)
+            if inside.any():
+                logits = _segment_logits(seg, rows[inside], seg.key_index, scale, softcap)
+                where = (slice(None), slice(None), inside.nonzero().squeeze(-1), seg.key_index)
+                # segments share key ranges (a triangle's keys are far keys for other rows): keep what is set
+                sampled_logits[where] = torch.where(torch.isfinite(logits), logits, sampled_logits[where])
+        sampled_distances = positions[rows][:, None] - group.k_pos[None]
+    sink = None
+    if observer.n_global > 0:
+        n_sink = _index(group.k_pos, observer.n_global)
+        sink = torch.zeros_like(acc.lse)
+        for seg in segments:
+            keys = slice(seg.key_index.start, min(seg.key_index.stop, n_sink))
+            if keys.stop > keys.start:
+                seg_rows = torch.arange(seg.rows.start, seg.rows.stop, device=acc.lse.device)
+                logits = _segment_logits(seg, seg_rows, keys, scale, softcap)
+                sink[:, :, seg.rows] += torch.exp(logits - acc.lse[:, :, seg.rows, None]).sum(-1)
+    lse = acc.lse.detach()
+    entropy = lse - acc.mean_logit.detach()
+    stats = BlockStats(
+        positions,
+        lse,
+        entropy,
+        sink,
+        positions[rows],
+        sampled_logits,
+        sampled_distances,
+        dtype=group.query.dtype,
+    )
+    observer.observe(layer_idx, stats)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import platform
 import shutil
@@ -24,6 +25,8 @@ from types import ModuleType
 import torch
 
 SOURCE = Path(__file__).parent.parent / "csrc" / "entropy_attention.cpp"
+EXTENSION = "oodlens_entropy_attention"
+log = logging.getLogger("oodlens")
 
 
 @functools.cache
@@ -35,9 +38,12 @@ def compiled() -> ModuleType | None:
     try:
         from torch.utils import cpp_extension
 
+        built = Path(cpp_extension._get_build_directory(EXTENSION, False)) / f"{EXTENSION}.so"
+        if not built.is_file():  # the first build on a machine is slow enough to need a word
+            log.warning("oodlens: compiling the CPU entropy kernel (once per machine, about 40 s) …")
         with _ninja_on_path():
             return cpp_extension.load(
-                name="oodlens_entropy_attention",
+                name=EXTENSION,
                 sources=[str(SOURCE)],
                 # OpenMP: at::parallel_for is inline and runs serially in code built without it
                 extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],

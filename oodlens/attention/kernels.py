@@ -24,7 +24,8 @@ class Segment:
     """One kernel call: a row range of the query block against a set of keys.
 
     ``keys`` and ``values`` are ``[B, Hkv, S, D]``; ``queries`` ``[B, Hq, R, D]``; ``mask`` is ``None``,
-    ``"causal"`` (square, top-left aligned) or a boolean ``[R, S]`` tensor (True = attend).
+    ``"causal"`` (square, top-left aligned) or a boolean ``[R, S]`` tensor (True = attend); ``key_index`` says
+    which of the layer's keys these are (for observers, which rebuild logit rows from the segments).
     """
 
     rows: slice
@@ -32,6 +33,7 @@ class Segment:
     keys: torch.Tensor
     values: torch.Tensor
     mask: torch.Tensor | str | None = None
+    key_index: slice | None = None
 
 
 @dataclass
@@ -180,7 +182,14 @@ def run_segment(seg: Segment, scale: float, softcap: float | None, want_mean: bo
     builds (built on that first need, so runs without observers never compile it), else PyTorch's fused
     kernel when it can serve the segment, else the float32 reference."""
     q = seg.queries
-    if want_mean and softcap is None and q.device.type == "cpu" and q.dtype == torch.float32:
+    differentiable = torch.is_grad_enabled() and q.requires_grad  # the compiled kernel has no backward
+    if (
+        want_mean
+        and softcap is None
+        and q.device.type == "cpu"
+        and q.dtype == torch.float32
+        and not differentiable
+    ):
         if cpu_kernel.compiled() is not None:
             return Partial(*cpu_kernel.entropy_attention(q, seg.keys, seg.values, seg.mask, scale))
     if softcap is None and q.device.type in ("cpu", "cuda") and fused_kernel_works(q.device, q.dtype):

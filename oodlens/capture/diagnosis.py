@@ -12,10 +12,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..errors import OodlensError
-from ..storage import json_ready, write_folder
+from ..display import Displayed
+from ..errors import OodlensError, first_line
+from ..storage import json_ready, recover, write_folder
 
 FORMAT_VERSION = 1
+HEADLINE_NUMBERS = (
+    "max_logit_within",
+    "max_logit_beyond",
+    "entropy_late_within",
+    "entropy_beyond",
+    "sink_mass_beyond",
+)
 HEADER_FILE = "diagnosis.json"
 SAMPLES_FILE = "hidden_samples.npz"
 
@@ -54,8 +62,8 @@ def empty_table(kind: str) -> pd.DataFrame:
     return pd.DataFrame({column: [] for column in TABLE_COLUMNS[kind]})
 
 
-@dataclass
-class Diagnosis:
+@dataclass(repr=False)
+class Diagnosis(Displayed):
     """The three OOD factors of one model, policy and set of windows.
 
     Attributes:
@@ -67,6 +75,16 @@ class Diagnosis:
     meta: dict[str, Any]
     tables: dict[str, pd.DataFrame]
     samples: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+    def headline(self) -> dict[str, Any]:
+        meta, numbers = self.meta, self.summary()
+        return {
+            "model": meta.get("model"),
+            "policy": meta.get("policy", {}).get("name"),
+            "windows": f"{meta.get('n_windows')} × {meta.get('length')} tokens",
+            "train_length": meta.get("train_length"),
+            **{key: numbers.get(key) for key in HEADLINE_NUMBERS},
+        }
 
     @property
     def train_length(self) -> int:
@@ -176,23 +194,48 @@ class Diagnosis:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Diagnosis:
-        """Read a folder written by :meth:`save`."""
+        """Read a folder written by :meth:`save`; a damaged or incomplete one is an error naming its file."""
         folder = Path(path)
+        recover(folder)  # a save cut short by a killed process is finished or undone first
         header_file = folder / HEADER_FILE
         if not header_file.is_file():
             raise OodlensError(f"{str(folder)!r} is not a saved diagnosis (no {HEADER_FILE})")
-        header = json.loads(header_file.read_text())
-        if header.get("format") != FORMAT_VERSION:
-            raise OodlensError(
-                f"{str(folder)!r} has diagnosis format {header.get('format')}, expected {FORMAT_VERSION}"
+        damaged = f"{str(folder)!r} is a damaged diagnosis"
+        try:
+            header = json.loads(header_file.read_text())
+            version, kinds, layers, meta = (
+                header["format"],
+                header["tables"],
+                header["hidden_layers"],
+                header["meta"],
             )
-        tables = {kind: pd.read_parquet(folder / f"{kind}.parquet") for kind in header["tables"]}
-        with np.load(folder / SAMPLES_FILE) as arrays:
-            samples = {
-                layer: (arrays[f"positions_{layer}"], arrays[f"vectors_{layer}"])
-                for layer in header["hidden_layers"]
-            }
-        return cls(header["meta"], tables, samples)
+        except (ValueError, KeyError, TypeError) as error:
+            raise OodlensError(
+                f"{damaged}: {HEADER_FILE} is unreadable ({first_line(error)}); save it again"
+            ) from error
+        if version != FORMAT_VERSION:
+            raise OodlensError(f"{str(folder)!r} has diagnosis format {version}, expected {FORMAT_VERSION}")
+        if sorted(kinds) != sorted(TABLE_KINDS) or "train_length" not in meta:
+            raise OodlensError(f"{damaged}: {HEADER_FILE} lists tables {kinds}, expected {list(TABLE_KINDS)}")
+        tables = {}
+        for kind in kinds:
+            try:
+                tables[kind] = pd.read_parquet(folder / f"{kind}.parquet")
+            except Exception as error:  # pyarrow raises its own types for truncated files
+                raise OodlensError(
+                    f"{damaged}: {kind}.parquet is unreadable ({first_line(error)})"
+                ) from error
+            missing = [column for column in TABLE_COLUMNS[kind] if column not in tables[kind]]
+            if missing:
+                raise OodlensError(f"{damaged}: {kind}.parquet lacks column {missing[0]!r}")
+        try:
+            with np.load(folder / SAMPLES_FILE) as arrays:
+                samples = {
+                    layer: (arrays[f"positions_{layer}"], arrays[f"vectors_{layer}"]) for layer in layers
+                }
+        except Exception as error:  # zip, pickle and key errors of a damaged .npz
+            raise OodlensError(f"{damaged}: {SAMPLES_FILE} is unreadable ({first_line(error)})") from error
+        return cls(meta, tables, samples)
 
 
 def _nan_if_empty(value: Any) -> float:

@@ -4,6 +4,8 @@ vectors for PCA and the position probe."""
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,7 +14,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..errors import OodlensError
+from ..errors import OodlensError, non_finite_note
 from .config import CaptureConfig, CaptureGeometry
 from .diagnosis import empty_table
 
@@ -57,6 +59,7 @@ class LayerHiddenStats:
         self.first_norm_sum = torch.zeros(n_first, dtype=torch.float64, device=device)
         self.first_cosine_sum = torch.zeros_like(self.first_norm_sum)
         self.first_count = torch.zeros_like(self.first_norm_sum)
+        self.first_cosine_count = torch.zeros_like(self.first_norm_sum)
         self.sample_positions: list[np.ndarray] = []
         self.sample_vectors: list[np.ndarray] = []
 
@@ -82,6 +85,7 @@ class HiddenStateObserver:
         self.layer_indices = list(layers)
         self.geometry: CaptureGeometry | None = None
         self.layers: dict[int, LayerHiddenStats] = {}
+        self.non_finite: dict[str, str] = {}  # place → warning, for the diagnosis' meta
         self._modules = list(decoder_layers)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._first_window = 0  # window number of the current forward's first batch row
@@ -116,6 +120,12 @@ class HiddenStateObserver:
                 g, min(self.config.unbinned_positions, g.length), hidden.device
             )
         layer = self.layers[layer_idx]
+        where = f"the hidden states of layer {layer_idx}"
+        if not bool(torch.isfinite(hidden).all()):
+            if where not in self.non_finite:
+                self.non_finite[where] = non_finite_note(where, hidden.dtype)
+                warnings.warn(f"oodlens: {self.non_finite[where]}", stacklevel=2)
+            hidden = hidden.nan_to_num(nan=math.nan, posinf=math.nan, neginf=math.nan)  # NaN marks them
         length = hidden.shape[1]
         edges = torch.as_tensor(g.position_edges, device=hidden.device)
         bins = torch.bucketize(torch.arange(length, device=hidden.device), edges, right=True) - 1
@@ -126,9 +136,10 @@ class HiddenStateObserver:
             layer.norm_count.scatter_add_(0, bins, torch.ones_like(norm))
             layer.cosine_sum.scatter_add_(0, bins[:-1], cosine)
             layer.cosine_count.scatter_add_(0, bins[:-1], torch.ones_like(cosine))
-            layer.first_norm_sum += norm[:n_first]
+            layer.first_norm_sum[: min(n_first, length)] += norm[:n_first]
+            layer.first_count[: min(n_first, length)] += 1
             layer.first_cosine_sum[: min(n_first, length - 1)] += cosine[:n_first]
-            layer.first_count += 1
+            layer.first_cosine_count[: min(n_first, length - 1)] += 1
             positions = hidden_sample_positions(length, self.config, self._first_window + row)
             vectors = hidden[row, torch.as_tensor(positions, device=hidden.device)]
             layer.sample_positions.append(positions)
@@ -163,15 +174,14 @@ class HiddenStateObserver:
             by_position.append(frame[frame["count"] > 0])
             n_first = layer.first_count.numel()
             first_count = layer.first_count.cpu().numpy()
-            cosine = layer.first_cosine_sum.cpu().numpy() / first_count
-            if n_first == self.geometry.length:  # the last position has no later positions
-                cosine[-1] = np.nan
+            with np.errstate(invalid="ignore", divide="ignore"):  # NaN where no window reached a position
+                cosine = layer.first_cosine_sum.cpu().numpy() / layer.first_cosine_count.cpu().numpy()
             first.append(
                 pd.DataFrame(
                     {
                         "layer": index,
                         "position": np.arange(n_first),
-                        "norm": layer.first_norm_sum.cpu().numpy() / first_count,
+                        "norm": np.divide(layer.first_norm_sum.cpu().numpy(), first_count),
                         "cosine_to_later": cosine,
                     }
                 )

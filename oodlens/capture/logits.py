@@ -14,13 +14,14 @@ For every layer and block of queries the engine hands :class:`LogitObserver` a
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pandas as pd
 import torch
 
 from ..attention import BlockStats
-from ..errors import OodlensError
+from ..errors import OodlensError, non_finite_note
 from .config import CaptureConfig, CaptureGeometry
 from .diagnosis import empty_table
 from .stats import BinnedMoments, heads_first
@@ -58,6 +59,7 @@ class LogitObserver:
         self.n_global = config.n_global
         self.geometry: CaptureGeometry | None = None
         self.layers: dict[int, LayerLogitStats] = {}
+        self.non_finite: dict[str, str] = {}  # place → warning, for the diagnosis' meta
         self._device_tensors: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def begin(self, geometry: CaptureGeometry) -> None:
@@ -89,6 +91,10 @@ class LogitObserver:
         device = stats.entropy.device
         if layer_idx not in self.layers:
             self.layers[layer_idx] = LayerLogitStats(stats.entropy.shape[1], self.geometry, device)
+        where = f"the attention of layer {layer_idx}"
+        if where not in self.non_finite and not bool(torch.isfinite(stats.entropy).all()):
+            self.non_finite[where] = non_finite_note(where, stats.dtype)
+            warnings.warn(f"oodlens: {self.non_finite[where]}", stacklevel=2)
         layer = self.layers[layer_idx]
         distance_edges, position_edges, sampled_positions = self._tensors(device)
         self._add_queries(layer, stats, position_edges)

@@ -42,7 +42,11 @@ def position_probe(
 def _probe_layer(
     layer: int, positions: np.ndarray, vectors: np.ndarray, n_global: int, seed: int
 ) -> list[tuple]:
-    """The rows of :func:`position_probe` for one layer's ``positions [S]`` and ``vectors [S, d]``."""
+    """The rows of :func:`position_probe` for one layer's ``positions [S]`` and ``vectors [S, d]`` (NaN scores
+    for a layer whose hidden states were not finite: the capture has warned about it)."""
+    if not np.isfinite(vectors).all():
+        scores = (("log_position", "r2"), ("start_token", "balanced_accuracy"), ("start_token", "roc_auc"))
+        return [(layer, target, metric, math.nan, len(positions), 0) for target, metric in scores]
     from sklearn.linear_model import LogisticRegression, RidgeCV
     from sklearn.metrics import balanced_accuracy_score, r2_score, roc_auc_score
     from sklearn.model_selection import KFold, StratifiedKFold, cross_val_predict

@@ -98,7 +98,12 @@ def available_memory(device: torch.device) -> int | None:
 
 
 def check_memory(
-    info: ModelInfo, length: int, policies: list[Policy], device: torch.device, resident_bytes: int = 0
+    info: ModelInfo,
+    length: int,
+    policies: list[Policy],
+    device: torch.device,
+    resident_bytes: int = 0,
+    label: str = "--length",
 ) -> None:
     """Refuse a run that would not fit, saying which length would.
 
@@ -123,5 +128,5 @@ def check_memory(
         fits = int(fits * 0.8)
     raise OodlensError(
         f"a {length}-token forward needs about {need(length) / 2**30:.1f} GiB more but only "
-        f"{available / 2**30:.1f} GiB is available on {device}; try --length {fits} or a smaller model/dtype"
+        f"{available / 2**30:.1f} GiB is available on {device}; try {label} {fits} or a smaller model/dtype"
     )

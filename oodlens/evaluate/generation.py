@@ -15,11 +15,20 @@ import torch
 from transformers import PreTrainedModel
 
 from ..data import passkey_prompt
+from ..display import Displayed
 from ..errors import OodlensError
 from ..models import train_length_of
 from ..policies import Policy, PolicyHandle, apply_policy, vanilla
 from .prefix import SharedPrefix
-from .scoring import Method, cache_kwargs, inference, methods_of, new_cache, progress_bar
+from .scoring import (
+    Method,
+    cache_kwargs,
+    inference,
+    methods_of,
+    new_cache,
+    past_the_pretraining_length,
+    progress_bar,
+)
 
 FIRST_NUMBER = re.compile(r"\d+")
 
@@ -37,7 +46,7 @@ def generate_greedy(
     with the cache keyword this transformers version accepts."""
     device = model.get_output_embeddings().weight.device
     ids = prompt.reshape(-1).to(device)[None]
-    with inference(model):
+    with inference(model), past_the_pretraining_length():
         output = model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
@@ -130,8 +139,8 @@ def _passkey_seed(seed: int, length: int, depth: float, sample: int) -> int:
     return int(np.random.SeedSequence([seed, length, round(depth * 1_000_000), sample]).generate_state(1)[0])
 
 
-@dataclass
-class PasskeyResult:
+@dataclass(repr=False)
+class PasskeyResult(Displayed):
     """Passkey rows: ``{method, length, depth, sample, passkey, prompt_tokens, generated, correct}``.
 
     ``length`` and ``depth`` are the requested cell; ``prompt_tokens`` is the prompt's real size (at most
@@ -139,6 +148,15 @@ class PasskeyResult:
     """
 
     rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def headline(self) -> dict[str, Any]:
+        return {"prompts": len(self.rows), "methods": len({row["method"] for row in self.rows})}
+
+    def display_rows(self) -> dict[str, dict[str, Any]]:
+        return {
+            method: {f"accuracy @ {length}": value for length, value in by_length.items()}
+            for method, by_length in self.summary().items()
+        }
 
     def to_dataframe(self) -> pd.DataFrame:
         columns = ["method", "length", "depth", "sample", "passkey", "prompt_tokens", "generated", "correct"]
@@ -245,8 +263,8 @@ def continuation_scores(generated: str, reference: str) -> tuple[float, float]:
     return float(bleu), float(rouge_l)
 
 
-@dataclass
-class GenerationResult:
+@dataclass(repr=False)
+class GenerationResult(Displayed):
     """Rows ``{method, window, milestone, bleu, rouge_l, generated, reference}``.
 
     After the first ``milestone`` tokens of window number ``window``, ``generated`` is the model's greedy
@@ -254,6 +272,17 @@ class GenerationResult:
     """
 
     rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def headline(self) -> dict[str, Any]:
+        return {"continuations": len(self.rows), "methods": len({row["method"] for row in self.rows})}
+
+    def display_rows(self) -> dict[str, dict[str, Any]]:
+        return {
+            method: {
+                f"ROUGE-L @ {milestone}": scores["rouge_l"] for milestone, scores in by_milestone.items()
+            }
+            for method, by_milestone in self.summary().items()
+        }
 
     def to_dataframe(self) -> pd.DataFrame:
         columns = ["method", "window", "milestone", "bleu", "rouge_l", "generated", "reference"]

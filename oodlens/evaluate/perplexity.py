@@ -13,6 +13,7 @@ import pandas as pd
 import torch
 from transformers import PreTrainedModel
 
+from ..display import Displayed, format_number, short_repr
 from ..errors import OodlensError
 from ..models import train_length_of
 from ..policies import Policy, apply_policy
@@ -32,8 +33,8 @@ from .scoring import (
 DEFAULT_BUCKET = 1024
 
 
-@dataclass
-class PerplexityResult:
+@dataclass(repr=False)
+class PerplexityResult(Displayed):
     """Per-position NLL of each method, averaged over windows.
 
     Attributes:
@@ -51,6 +52,24 @@ class PerplexityResult:
     length: int
     n_windows: int
     bucket: int
+
+    def headline(self) -> dict[str, Any]:
+        return {"windows": f"{self.n_windows} × {self.length} tokens", "train_length": self.train_length}
+
+    def display_rows(self) -> dict[str, dict[str, Any]]:
+        return {
+            method: {
+                "ppl within L": block["ppl_within_train_length"],
+                "ppl beyond L": block["ppl_beyond_train_length"],
+            }
+            for method, block in self.summary()["methods"].items()
+        }
+
+    def __repr__(self) -> str:
+        methods = ", ".join(
+            f"{name} {format_number(row['ppl beyond L'])}" for name, row in self.display_rows().items()
+        )
+        return short_repr("PerplexityResult", self.headline()) + f" ppl beyond L: {methods}"
 
     def mean_nll(self, method: str, start: int = 1, end: int | None = None) -> float:
         """Mean NLL of ``method`` over positions ``[start, end)`` (NaN when the range scores nothing)."""

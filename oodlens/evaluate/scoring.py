@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel
 
-from ..errors import OodlensError, check_train_length
+from ..errors import OodlensError, check_train_length, non_finite_note
 from ..policies import Policy, PolicyHandle, vanilla
 
 TRUNCATED_BASELINE = "vanilla-truncated"  # vanilla with its context cut to at most train_length tokens
@@ -69,6 +71,26 @@ def inference(model: PreTrainedModel) -> Iterator[None]:
             yield
     finally:
         model.train(was_training)
+
+
+class _LengthReminderFilter(logging.Filter):
+    """Drops transformers' "exceeded the model's predefined maximum length" reminder: running past the
+    pretraining length is what oodlens is for."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "predefined maximum length" not in record.getMessage()
+
+
+@contextmanager
+def past_the_pretraining_length() -> Iterator[None]:
+    """Within the block, transformers' reminder that generation runs past the model's length is not shown."""
+    reminder = logging.getLogger("transformers.generation.stopping_criteria")
+    quiet = _LengthReminderFilter()
+    reminder.addFilter(quiet)
+    try:
+        yield
+    finally:
+        reminder.removeFilter(quiet)
 
 
 @functools.cache
@@ -114,6 +136,10 @@ def forward_hidden(model: PreTrainedModel, input_ids: torch.Tensor, **forward_kw
     finally:
         hook.remove()
     hidden = captured["hidden"]
+    if not bool(torch.isfinite(hidden).all()):  # the NLL of such positions is NaN: say why, and the fix
+        warnings.warn(
+            f"oodlens: {non_finite_note('the model’s last hidden states', hidden.dtype)}", stacklevel=3
+        )
     _check_same_logits(model, output_logits(model, hidden[:, -1]), theirs)
     return hidden
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from ..display import Displayed
 from ..errors import OodlensError
 from ..models import train_length_of
 from ..policies import Policy, PolicyHandle, apply_policy
@@ -73,8 +74,8 @@ def _rechunk(
         yield buffer
 
 
-@dataclass
-class StreamingResult:
+@dataclass(repr=False)
+class StreamingResult(Displayed):
     """Bucketed NLL of a token stream run through a cache chunk by chunk.
 
     Attributes:
@@ -94,6 +95,15 @@ class StreamingResult:
     n_tokens: int
     seconds: float
     peak_cache_tokens: int
+
+    def headline(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "tokens": self.n_tokens,
+            "ppl": self.ppl(),
+            "tokens_per_s": self.tokens_per_s,
+            "peak_cache_tokens": self.peak_cache_tokens,
+        }
 
     @property
     def tokens_per_s(self) -> float:

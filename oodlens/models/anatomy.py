@@ -10,6 +10,7 @@ architectures work without new code.
 from __future__ import annotations
 
 import sys
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,20 @@ ALIBI_FAMILIES = frozenset({"bloom", "mpt"})
 LEARNED_POSITION_MODULE_NAMES = ("wpe", "embed_positions", "position_embeddings")
 # GPT-J and CodeGen hard-code the rotary base in their modeling code instead of the config.
 DEFAULT_ROPE_THETA = 10000.0
+# Configs loaded from a file that states no context length (their max_position_embeddings is transformers'
+# class default, which says nothing about how long the model was trained), by id; configs are unhashable.
+_LENGTH_NOT_DECLARED: dict[int, weakref.ref] = {}
+
+
+def mark_length_not_declared(config: Any) -> None:
+    """Remember that ``config``'s file stated no context length (until the config is gone)."""
+    key = id(config)
+    _LENGTH_NOT_DECLARED[key] = weakref.ref(config, lambda _, key=key: _LENGTH_NOT_DECLARED.pop(key, None))
+
+
+def _length_declared(config: Any) -> bool:
+    ref = _LENGTH_NOT_DECLARED.get(id(config))
+    return ref is None or ref() is not config
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -123,6 +138,25 @@ def position_encoding(model: nn.Module) -> str:
     return "none"
 
 
+def position_limit(model: nn.Module) -> int | None:
+    """How many positions the model can take at all: the size of its learned position table (GPT-2, OPT), or
+    None where positions are computed (RoPE, ALiBi) and only the pretraining length bounds what it has seen.
+    """
+    if position_encoding(model) != "learned":
+        return None
+    return int(model.config.max_position_embeddings)
+
+
+def check_positions(model: nn.Module, length: int, label: str = "length") -> None:
+    """Refuse a ``length`` beyond the model's learned position table, which no method can extend."""
+    limit = position_limit(model)
+    if limit is not None and length > limit:
+        raise OodlensError(
+            f"{label} {length} exceeds the {limit} positions of {model.config.model_type}'s learned position "
+            f"table: use at most {limit} (learned absolute positions cannot be extended without training)"
+        )
+
+
 def rope_description(config: Any, head_dim: int) -> tuple[float, str, float]:
     """(rope_theta, rope_type, rotary_fraction) of a RoPE model's config."""
     parameters = getattr(config, "rope_parameters", None) or {}
@@ -150,9 +184,11 @@ def pretraining_length(config: Any) -> tuple[int, str]:
     if original:
         return int(original), "config.rope_parameters.original_max_position_embeddings"
     length = getattr(config, "max_position_embeddings", None)
-    if not length:
+    if not length or not _length_declared(config):
+        shown = f" (transformers would assume its default, {length})" if length else ""
         raise OodlensError(
-            f"{config.model_type} config has no max_position_embeddings: pass train_length (--train-length)"
+            f"the {config.model_type} config file states no max_position_embeddings{shown}, so the pretraining "
+            "length is unknown: pass train_length (--train-length) with the length the model was trained at"
         )
     quantization = getattr(config, "quantization_config", None) or {}
     if not isinstance(quantization, dict):

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
 from ..errors import OodlensError, first_line
 from ..storage import write_folder
@@ -39,7 +40,9 @@ def smollm2_gguf_path() -> Path:
     raise OodlensError(f"{SMOLLM2_DISTRIBUTION} holds no .gguf file: reinstall it with {SMOLLM2_INSTALL}")
 
 
-def load_gguf(path: Path, device: torch.device, dtype: torch.dtype) -> tuple[PreTrainedModel, Any]:
+def load_gguf(
+    path: Path, device: torch.device, dtype: torch.dtype, options: dict[str, Any]
+) -> tuple[PreTrainedModel, Any]:
     """Load a GGUF checkpoint through its converted copy in the cache (see `gguf_cache_folder`).
 
     Reading a GGUF file means parsing its metadata and dequantising every tensor (about 25 s for SmolLM2);
@@ -51,7 +54,7 @@ def load_gguf(path: Path, device: torch.device, dtype: torch.dtype) -> tuple[Pre
         model, tokenizer = _read_gguf(path, torch.device("cpu"), torch.float32)
         if not _write_gguf_cache(model, tokenizer, path, folder):
             return model.to(device=device, dtype=dtype), tokenizer
-    return load_folder(folder, device, dtype)
+    return load_folder(folder, device, dtype, options)
 
 
 def gguf_cache_folder(path: Path) -> Path:
@@ -89,11 +92,10 @@ def _write_gguf_cache(model: PreTrainedModel, tokenizer: Any, source: Path, fold
         (staging / GGUF_CACHE_COMPLETE).write_text(json.dumps({"source": config.gguf_file}))
 
     try:
-        write_folder(folder, fill, kind="gguf-copy")
-    except OodlensError:
-        if not (folder / GGUF_CACHE_COMPLETE).is_file():  # not a rival process's finished copy
-            raise
-    except OSError as error:
+        write_folder(folder, fill, kind="gguf-copy", temp_fallback=False, wait_s=600)  # a rival converts it
+    except (OSError, OodlensError) as error:
+        if (folder / GGUF_CACHE_COMPLETE).is_file():  # a rival process's finished copy
+            return True
         warnings.warn(
             f"oodlens: cannot cache the converted GGUF model in {str(folder)!r} ({error}); every load will "
             "dequantise it again (set OODLENS_CACHE to a writable folder)",
@@ -111,12 +113,13 @@ def _read_gguf(path: Path, device: torch.device, dtype: torch.dtype) -> tuple[Pr
         model = AutoModelForCausalLM.from_pretrained(
             folder, gguf_file=file, dtype=dtype, device_map=str(device)
         )
-    except ValueError as error:
+    except Exception as error:  # damaged or truncated files fail with struct, numpy, value or OS errors
         match = re.search(r"architecture (\S+) is not supported", str(error))
         if match is None:
-            raise OodlensError(f"cannot load GGUF file {str(path)!r}: {first_line(error)}") from error
-        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
-
+            raise OodlensError(
+                f"cannot load GGUF file {str(path)!r} ({first_line(error)}): it may be truncated or not a GGUF "
+                "file; download it again or pass another model"
+            ) from error
         raise OodlensError(
             f"GGUF architecture {match.group(1)!r} of {str(path)!r} is not supported by transformers: "
             f"use a model of a supported architecture ({', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))})"

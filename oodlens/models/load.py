@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import difflib
 import re
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from .anatomy import extend_rotary_tables
 from .gguf import load_gguf, smollm2_gguf_path
 from .hub import HUB_ID_PATTERN, load_folder, load_from_hub
 from .info import LoadedModel, model_info
-from .tiny import tiny_model
+from .tiny import TINY_FAMILIES, tiny_model
 
 DEFAULT_MODEL = "smollm2"
 DEVICES = ("auto", "cpu", "cuda")
@@ -33,26 +34,64 @@ def load_model(
     name: str = DEFAULT_MODEL,
     *,
     device: str = "auto",
-    dtype: str = "auto",
+    dtype: str | torch.dtype = "auto",
     train_length: int | None = None,
+    **from_pretrained: Any,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer in eval mode.
 
-    name: "smollm2" (the embedded SmolLM2-135M-Instruct GGUF), a path to a `.gguf` file, a local Hugging
-    Face folder, "tiny:<family>" (see `oodlens.tiny.TINY_FAMILIES`) or a hub id.
-    device: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N".
-    dtype: "auto" (float32 on CPU, bfloat16 on CUDA where supported, else float16), "float32",
-    "bfloat16", "float16" (or "fp32", "bf16", "fp16").
-    train_length: overrides the pretraining length read from the model.
+    Args:
+        name: "smollm2" (the embedded SmolLM2-135M-Instruct GGUF), a path to a `.gguf` file, a local Hugging
+            Face folder, "tiny:<family>" (see `oodlens.tiny.TINY_FAMILIES`) or a hub id (loaded from the local
+            Hugging Face cache when it is there, so it works offline).
+        device: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N".
+        dtype: "auto" (float32 on CPU, bfloat16 on CUDA where supported, else float16), "float32",
+            "bfloat16", "float16" (or "fp32", "bf16", "fp16"), or a torch.dtype.
+        train_length: overrides the pretraining length read from the model.
+        **from_pretrained: passed to transformers' ``from_pretrained`` for folders, hub ids and GGUF files:
+            ``device_map`` (e.g. ``"auto"`` for a model larger than one device; then leave ``device`` as
+            "auto"), ``revision``, ``trust_remote_code``, ``attn_implementation``, ``quantization_config``, …
     """
     if train_length is not None:
         check_train_length(train_length)  # before a load that can take half a minute
+    if "device_map" in from_pretrained and device != "auto":
+        raise OodlensError(f"pass either device={device!r} or device_map, not both")
+    if name.startswith("tiny:") and from_pretrained:
+        raise OodlensError(
+            f"tiny models are built in memory and take no from_pretrained options: {sorted(from_pretrained)}"
+        )
     torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
-    model, tokenizer = _load_model_and_tokenizer(name, torch_device, torch_dtype)
+    torch_dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, torch_device)
+    model, tokenizer = _load_model_and_tokenizer(name, torch_device, torch_dtype, from_pretrained)
     model.eval()
     extend_rotary_tables(model)
     return LoadedModel(model, tokenizer, model_info(model, name=name, train_length=train_length))
+
+
+def parse_model_args(text: str) -> dict[str, Any]:
+    """``"key=value,key=value"`` (lm-evaluation-harness' ``--model_args``) as from_pretrained options: numbers,
+    true/false and none become Python values, everything else stays a string."""
+    options: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, equals, value = item.partition("=")
+        if not equals or not key.strip():
+            raise OodlensError(f"--model-args takes key=value pairs separated by commas, got {item!r}")
+        options[key.strip()] = _literal(value.strip())
+    return options
+
+
+def _literal(value: str) -> Any:
+    lowered = value.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered == "none":
+        return None
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
 
 
 def resolve_device(device: str) -> torch.device:
@@ -80,22 +119,33 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def _load_model_and_tokenizer(
-    name: str, device: torch.device, dtype: torch.dtype
+    name: str, device: torch.device, dtype: torch.dtype, options: dict[str, Any]
 ) -> tuple[PreTrainedModel, Any]:
     if name.startswith("tiny:"):
         tiny = tiny_model(name.removeprefix("tiny:"))
         return tiny.model.to(device=device, dtype=dtype), tiny.tokenizer
     if name == DEFAULT_MODEL:
-        return load_gguf(smollm2_gguf_path(), device, dtype)
+        return load_gguf(smollm2_gguf_path(), device, dtype, options)
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise OodlensError(f"GGUF file {name!r} does not exist: check the path")
-        return load_gguf(path, device, dtype)
+        return load_gguf(path, device, dtype, options)
     if path.is_dir():
-        return load_folder(path, device, dtype)
+        return load_folder(path, device, dtype, options)
     if path.exists() or name.startswith((".", "/", "~")) or not HUB_ID_PATTERN.fullmatch(name):
         raise OodlensError(
             f"unknown model {name!r}: pass 'smollm2', 'tiny:<family>', a .gguf file, a folder or a hub id"
+            + _did_you_mean(name)
         )
-    return load_from_hub(name, device, dtype)
+    try:
+        return load_from_hub(name, device, dtype, options)
+    except OodlensError as error:
+        raise OodlensError(f"{error}{_did_you_mean(name)}") from error
+
+
+def _did_you_mean(name: str) -> str:
+    """`` (did you mean 'smollm2'?)`` for a near miss of a built-in name, else nothing."""
+    known = [DEFAULT_MODEL, *(f"tiny:{family}" for family in TINY_FAMILIES)]
+    close = difflib.get_close_matches(name.lower(), known, n=1, cutoff=0.75)
+    return f" (did you mean {close[0]!r}?)" if close else ""

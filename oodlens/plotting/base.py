@@ -14,12 +14,12 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from ..errors import OodlensError
-from .style import PANEL_SIZE, TRAIN_LENGTH_GID, canonical, method_color
+from .style import PANEL_SIZE, TRAIN_LENGTH_GID, canonical, method_rank, method_style
 
-Band = Literal["range", "std"] | None
+Band = Literal["iqr", "range", "std"] | None
 
 # ----------------------------------------------------------------------------------------------- inputs
 
@@ -100,8 +100,15 @@ def bin_centres(df: pd.DataFrame) -> pd.Series:
 
 
 def summarise(df: pd.DataFrame, x: str, value: str, band: Band) -> pd.DataFrame:
-    """Mean of ``value`` per series and x, with the band's low/high (min–max or ±std over the rows)."""
-    stats = df.groupby(["series", x], sort=False)[value].agg(["mean", "min", "max", "std"]).reset_index()
+    """The centre of ``value`` per series and x with the band's ``low``/``high``: median and interquartile
+    range (``"iqr"``), mean and min–max (``"range"``), mean ± std (``"std"``), or the mean alone (None)."""
+    grouped = df.groupby(["series", x], sort=False)[value]
+    stats = grouped.agg(["mean", "median", "min", "max", "std"]).reset_index()
+    if band == "iqr":
+        stats["mean"] = stats["median"]  # the centre the band surrounds
+        stats["low"] = grouped.quantile(0.25).to_numpy()
+        stats["high"] = grouped.quantile(0.75).to_numpy()
+        return stats
     spread = stats["std"].fillna(0)
     stats["low"], stats["high"] = {
         "range": (stats["min"], stats["max"]),
@@ -111,37 +118,47 @@ def summarise(df: pd.DataFrame, x: str, value: str, band: Band) -> pd.DataFrame:
     return stats
 
 
-def band_line(ax: Axes, stats: pd.DataFrame, x: str, name: str, **line: Any) -> None:
-    """One series: its mean line and, where the rows disagree, a translucent band.
-
-    A reference baseline (vanilla-truncated) is dashed and drawn beneath, so a method that matches it stays
-    visible on top.
+def band_line(
+    ax: Axes, stats: pd.DataFrame, x: str, name: str, *, markers: bool = False, **line: Any
+) -> None:
+    """One series in its method's colour, dashes (and markers, for sparse points): its centre line and, where
+    the rows disagree, a translucent band. The reference baseline (vanilla-truncated) is a thin dark dashed
+    line on top, so a method that matches it stays visible beneath.
     """
-    color = method_color(name)
+    look = method_style(name)
     if not np.allclose(stats["low"], stats["high"], equal_nan=True):
-        ax.fill_between(stats[x], stats["low"], stats["high"], color=color, alpha=0.2, linewidth=0)
-    if canonical(name) == "truncated":
-        line = line | {"linestyle": "--", "zorder": 1.8, "marker": None}
-    ax.plot(stats[x], stats["mean"], color=color, label=name or None, **line)
+        ax.fill_between(stats[x], stats["low"], stats["high"], color=look["color"], alpha=0.18, linewidth=0)
+    if not markers:
+        look["marker"] = None
+    if (
+        canonical(name) == "truncated"
+    ):  # thin and on top: a method equal to the baseline stays visible beneath
+        line = line | {"zorder": 3, "linewidth": 1.1, "color": "#444444"}
+    ax.plot(stats[x], stats["mean"], label=name or None, markersize=4, **(look | line))
 
 
 def draw_series(ax: Axes, stats: pd.DataFrame, x: str, **line: Any) -> None:
-    """One line (and band) per series, in the order the runs were given, each sorted along x."""
-    for name, group in stats.groupby("series", sort=False):
-        band_line(ax, group.sort_values(x), x, str(name), **line)
+    """One line (and band) per series, methods in the order every figure uses, each sorted along x."""
+    names = sorted(stats["series"].unique(), key=lambda name: method_rank(str(name)))
+    for name in names:
+        band_line(ax, stats[stats["series"] == name].sort_values(x), x, str(name), **line)
 
 
 def format_tokens(n: float) -> str:
-    """A token count as axis text: 512, 1k (1000 or 1024), 8k, 2,500; fractions as they are."""
+    """A token count as axis text, one style on every axis: 512, 1k (1,000 or 1,024), 2.5k, 8k, 128k, 1M."""
     if n != int(n):
         return f"{n:g}"
-    for unit in (1024, 1000):
+    n = int(n)
+    for unit, suffix in ((1 << 20, "M"), (1_000_000, "M"), (1024, "k"), (1000, "k")):
         if abs(n) >= unit and n % unit == 0:
-            return f"{int(n) // unit}k"
-    return f"{int(n):,}"
+            return f"{n // unit}{suffix}"
+    if abs(n) >= 1000 and n % 100 == 0:
+        return f"{n / 1000:g}k"
+    return f"{n:,}"
 
 
 TOKENS_FORMATTER = FuncFormatter(lambda value, _: format_tokens(value))
+NUMBER_FORMATTER = FuncFormatter(lambda value, _: f"{value:g}" if value < 1e4 else format_tokens(value))
 
 
 def mark_train_length(ax: Axes, train_length: int | None, x: float | None = None) -> None:
@@ -160,9 +177,15 @@ def mark_train_length(ax: Axes, train_length: int | None, x: float | None = None
     )
 
 
-def figure_legend(fig: Figure, axes: list[Axes], *, outside: str | None = None) -> None:
+def figure_legend(
+    fig: Figure, axes: list[Axes], *, outside: str | None = None, own_figure: bool = True
+) -> None:
     """One legend for the figure, outside the panels so it never hides data: under a single panel, to the
-    right of several (or at ``outside``)."""
+    right of several (or at ``outside``). In a panel the caller gave (``own_figure=False``) the legend stays
+    inside that panel, so composed figures do not collide."""
+    if not own_figure:
+        axes[0].legend(loc="best", fontsize="small")
+        return
     entries: dict[str, Any] = {}
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
@@ -231,6 +254,9 @@ def finish_axes(
         ax.set_xscale("log", nonpositive="mask")
     if logy:
         ax.set_yscale("log", nonpositive="mask")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(NUMBER_FORMATTER)
+        ax.yaxis.set_minor_formatter(NullFormatter())
     ax.xaxis.set_major_formatter(TOKENS_FORMATTER)
     if ybottom is not None:
         ax.set_ylim(bottom=ybottom)
@@ -267,5 +293,5 @@ def stat_panels(
         mark_train_length(panel_ax, train_length)
         title = None if layer is None else f"layer {layer}"
         finish_axes(panel_ax, *labels, title=title, logx=logx, ybottom=ybottom)
-    figure_legend(fig, axes)
+    figure_legend(fig, axes, own_figure=ax is None)
     return fig

@@ -51,19 +51,21 @@ def plot_logits_by_distance(
     *,
     layers: Sequence[int] | None = None,
     stat: str = "running_max",
-    band: Band = "range",
+    band: Band = "iqr",
     facet: bool = False,
-    logx: bool = True,
+    logx: bool = False,
     ax: Axes | None = None,
 ) -> Figure:
-    """Attention logits against query–key distance (Fig. 1a), mean over heads with a band over heads.
+    """Attention logits against query–key distance (Fig. 1a), median over heads with a band over heads.
 
     Reads the logits-by-distance frame (``Diagnosis.logits_by_distance``): columns layer, head, bin_start,
     bin_end (bins are ``[bin_start, bin_end)``) and ``stat``, one of running_max (default: the paper's logit
     bound, the last query's largest logit over all distances below x, plotted at x = bin_end), max, mean or
-    last_query_max (plotted at the bin centre). x is on a log axis unless ``logx=False``. Heads of all
-    selected ``layers`` are pooled, or each layer gets a panel with ``facet=True``.
-    band: "range" (min–max over heads), "std" (±1 std) or None.
+    last_query_max (plotted at the bin centre). x is linear, as in the paper, so the distances beyond the
+    pretraining length take the room they need (``logx=True`` shows the nearest distances instead). Heads of
+    all selected ``layers`` are pooled, or each layer gets a panel with ``facet=True``.
+    band: "iqr" (median and interquartile range over heads), "range" (mean, min–max), "std" (mean ± 1 std)
+    or None.
     """
     if stat not in LOGIT_STAT_LABELS:
         raise OodlensError(f"stat must be one of {', '.join(LOGIT_STAT_LABELS)}; got {stat!r}")
@@ -90,12 +92,13 @@ def plot_max_logit_by_position(
     train_length: int | None = None,
     *,
     layers: Sequence[int] | None = None,
-    band: Band = "range",
+    band: Band = "iqr",
     facet: bool = False,
     logx: bool = False,
     ax: Axes | None = None,
 ) -> Figure:
-    """Largest attention logit of each query against its position, mean over heads with a band over heads.
+    """Largest attention logit of each query against its position, median over heads with its interquartile
+    band (see ``band`` of :func:`plot_logits_by_distance`).
 
     Reads the max-logit-by-position frame (``Diagnosis.max_logit_by_position``): layer, head, position,
     max_logit. Heads of all selected ``layers`` are pooled, or one panel per layer with ``facet=True``.
@@ -135,7 +138,7 @@ def plot_entropy_by_position(
     train_length: int | None = None,
     *,
     layers: Sequence[int] | None = None,
-    band: Band = "range",
+    band: Band = "iqr",
     facet: bool = False,
     logx: bool = False,
     ax: Axes | None = None,
@@ -143,8 +146,8 @@ def plot_entropy_by_position(
     """Attention entropy (nats) against query position (Fig. 1b), with the uniform-attention curve ln n.
 
     Reads the entropy-by-position frame (``Diagnosis.entropy_by_position``): layer, head, bin_start, bin_end,
-    mean (mean entropy of the bin's queries). The line is the mean over heads (and layers unless
-    ``facet=True``), the band spans the heads; the dashed "ln n (uniform)" curve is the entropy of attending
+    mean (mean entropy of the bin's queries). The line is the median over heads (and layers unless
+    ``facet=True``), the band their interquartile range; the dashed "ln n (uniform)" curve is the entropy of attending
     evenly to the n keys a query sees (n = position + 1; at a bin ``[s, e)``, its mean (s + e + 1) / 2).
     """
     runs = run_frames(data, "entropy-by-position", [*BINNED_HEAD_COLUMNS, "mean"], "entropy_by_position")
@@ -171,12 +174,13 @@ def plot_sink_mass(
     train_length: int | None = None,
     *,
     layers: Sequence[int] | None = None,
-    band: Band = "range",
+    band: Band = "iqr",
     facet: bool = False,
     logx: bool = False,
     ax: Axes | None = None,
 ) -> Figure:
-    """Attention mass on the starting (sink) tokens against query position, mean over heads with a band.
+    """Attention mass on the starting (sink) tokens against query position, median over heads with its
+    interquartile band.
 
     Reads the entropy-by-position frame (``Diagnosis.entropy_by_position``): layer, head, bin_start, bin_end,
     sink_mass.
@@ -281,6 +285,8 @@ def _layer_samples(
             f"hidden samples of layer {layer}: need positions [N] and vectors [N, d] with N ≥ 3; "
             f"got {positions.shape} and {vectors.shape}"
         )
+    finite = np.isfinite(vectors).all(axis=1)  # states that overflowed (the capture warned) are left out
+    positions, vectors = positions[finite], vectors[finite]
     if max_points is not None and len(positions) > max_points:
         rest = np.flatnonzero(positions >= n_global)
         keep_rest = np.random.default_rng(0).choice(
@@ -292,34 +298,45 @@ def _layer_samples(
 
 
 def _pca_panel(ax: Axes, positions: np.ndarray, vectors: np.ndarray, norm: LogNorm, n_global: int) -> None:
-    pca = PCA(n_components=2).fit(vectors)
+    """PCA fitted without the hidden states of outlying norm (position 0 and the few other tokens with massive
+    activations, which would take the first components alone), every point then projected; the view spans the
+    fitted points, and points beyond it are pinned to its edge as crosses. A panel with fewer than 3 finite
+    states says so."""
+    if len(vectors) < 3:
+        ax.text(0.5, 0.5, "no finite hidden states", ha="center", va="center", transform=ax.transAxes)
+        ax.set(xticks=[], yticks=[])
+        return
+    norms = np.linalg.norm(vectors, axis=1)
+    q1, q3 = np.percentile(norms, [25, 75])
+    fitted = (norms <= q3 + 3 * (q3 - q1)) & (positions > 0)
+    pca = PCA(n_components=2).fit(vectors[fitted] if fitted.sum() >= 3 else vectors)
     xy = pca.transform(vectors)
+    low, high = np.percentile(xy[fitted], [0.5, 99.5], axis=0)
+    pad = 0.08 * (high - low)
+    low, high = low - pad, high + pad
+    outside = ((xy < low) | (xy > high)).any(axis=1)
+    shown = np.clip(xy, low, high)
     first = positions < n_global
-    ax.scatter(
-        xy[~first, 0],
-        xy[~first, 1],
-        c=positions[~first] + 1,
-        cmap="viridis",
-        norm=norm,
-        s=3,
-        alpha=0.6,
-        linewidths=0,
-        rasterized=True,
-    )
-    ax.scatter(
-        xy[first, 0],
-        xy[first, 1],
-        c=positions[first] + 1,
-        cmap="viridis",
-        norm=norm,
-        s=28,
-        edgecolors="black",
-        linewidths=0.6,
-        zorder=3,
-        label=f"positions < {n_global}",
-    )
+    common = {"cmap": "viridis", "norm": norm}
+    for selected, look in (
+        (~first & ~outside, {"s": 3, "alpha": 0.6, "linewidths": 0, "rasterized": True}),
+        (first & ~outside, {"s": 28, "edgecolors": "black", "linewidths": 0.6, "zorder": 3,
+                            "label": f"positions < {n_global}"}),
+        (outside, {"s": 36, "marker": "X", "edgecolors": "black", "linewidths": 0.5, "zorder": 4,
+                   "label": "off-scale (at the edge)"}),
+    ):  # fmt: skip
+        if selected.any():
+            ax.scatter(shown[selected, 0], shown[selected, 1], c=positions[selected] + 1, **(common | look))
+    ax.set(xlim=(low[0], high[0]), ylim=(low[1], high[1]))
     ratio = pca.explained_variance_ratio_ * 100
     ax.set(xlabel=f"PC1 ({ratio[0]:.0f}%)", ylabel=f"PC2 ({ratio[1]:.0f}%)", xticks=[], yticks=[])
+
+
+def _default_pca_layers(available: list[int]) -> list[int]:
+    """At most three layers: the second (the paper's Fig. 1c), the middle and the last one captured."""
+    if len(available) <= 3:
+        return available
+    return sorted({available[min(1, len(available) - 1)], available[len(available) // 2], available[-1]})
 
 
 @styled
@@ -334,15 +351,18 @@ def plot_hidden_pca(
 
     samples: ``{layer: (positions [N], vectors [N, d])}``, an object with ``hidden_samples(layer)`` (layers
     from ``meta["hidden_layers"]``), or a dict/list of those (one row per run, e.g. before/after). Layers
-    sit side by side; each panel has its own PCA fit. Positions below ``n_global`` are drawn large with
-    a black edge. At most ``max_points`` points per panel (a fixed random subset; the first tokens always).
+    (default: at most three of those captured) sit side by side, one row per run; each panel has its own PCA,
+    fitted without the states of outlying norm (position 0 and the few other tokens with massive activations,
+    which would otherwise take the first components alone), then projected like every point. Positions below ``n_global`` are drawn large
+    with a black edge; points beyond the view of the fitted ones sit at its edge as crosses. At most
+    ``max_points`` points per panel (a fixed random subset; the first tokens always).
     """
     runs = _hidden_runs(samples)
-    layers = list(layers) if layers is not None else runs[0][2]
+    layers = list(layers) if layers is not None else _default_pca_layers(runs[0][2])
     if not layers:
         raise OodlensError("hidden samples: no layers given and none listed in meta['hidden_layers']")
     panels = [[_layer_samples(get, layer, max_points, n_global) for layer in layers] for _, get, _ in runs]
-    top = max(float(pos.max()) for row in panels for pos, _ in row) + 1
+    top = max((float(pos.max()) for row in panels for pos, _ in row if len(pos)), default=1.0) + 1
     norm = LogNorm(vmin=1, vmax=max(top, 2))
     fig, axes = new_axes(None, len(runs) * len(layers), ncols=len(layers))
     for r, ((label, _, _), row) in enumerate(zip(runs, panels, strict=True)):
@@ -350,7 +370,7 @@ def plot_hidden_pca(
             panel_ax = axes[r * len(layers) + c]
             _pca_panel(panel_ax, positions, vectors, norm, n_global)
             panel_ax.set_title(f"{label} · layer {layer}" if label else f"layer {layer}")
-    axes[0].legend(loc="best", markerscale=0.8)
+    figure_legend(fig, axes)
     colorbar = fig.colorbar(
         ScalarMappable(norm=norm, cmap="viridis"), ax=axes, label="position + 1", shrink=0.9
     )

@@ -8,25 +8,22 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import seaborn as sns
 from matplotlib.axes import Axes
-from matplotlib.cm import ScalarMappable
-from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
+from ..display import format_number
 from ..errors import OodlensError
+from ..stats import bootstrap_interval, wilson_interval
 from .base import (
     as_frame,
     draw_series,
     figure_legend,
     finish_axes,
-    format_tokens,
     mark_train_length,
     new_axes,
     run_frames,
-    summarise,
 )
-from .style import method_color, styled
+from .style import method_rank, method_style, styled
 
 # ------------------------------------------------------------------------------------------ evaluation
 
@@ -45,66 +42,74 @@ def plot_perplexity_by_position(
     Reads the perplexity frame (``PerplexityResult`` or ``StreamingResult.to_dataframe``): start, end, nll
     (mean per token), n_tokens, and method where there is one (else the dict label names the line). Rows
     of the same method and bucket (e.g. several documents) are pooled token-weighted: exp(Σ nll·n / Σ n).
-    Buckets whose nll is NaN or infinite (a model that overflowed) are left off.
+    Where the frame has ``ppl_low``/``ppl_high`` (an interval over windows) it is drawn as a band. Buckets
+    whose nll is NaN or infinite (a model that overflowed) are left off.
     """
     runs = run_frames(data, "perplexity", PERPLEXITY_COLUMNS)
     runs["position"] = (runs["start"] + runs["end"]) / 2
     runs["weighted"] = runs["nll"].fillna(np.inf) * runs["n_tokens"]  # a NaN bucket stays off the plot
-    pooled = runs.groupby(["series", "position"], sort=False)[["weighted", "n_tokens"]].sum().reset_index()
+    sums = {"weighted": "sum", "n_tokens": "sum"} | {c: "mean" for c in ("ppl_low", "ppl_high") if c in runs}
+    pooled = runs.groupby(["series", "position"], sort=False).agg(sums).reset_index()
     pooled["mean"] = np.exp(pooled["weighted"] / pooled["n_tokens"])
-    pooled["low"] = pooled["high"] = pooled["mean"]
+    pooled["low"] = pooled.get("ppl_low", pooled["mean"]).fillna(pooled["mean"])
+    pooled["high"] = pooled.get("ppl_high", pooled["mean"]).fillna(pooled["mean"])
     fig, (panel_ax,) = new_axes(ax)
-    draw_series(panel_ax, pooled, "position", marker="o", markersize=3.5)
+    sparse = pooled.groupby("series").size().max() <= 40
+    draw_series(panel_ax, pooled, "position", markers=sparse)
     mark_train_length(panel_ax, train_length)
     finish_axes(panel_ax, "position (tokens)", "perplexity", logy=True)
-    figure_legend(fig, [panel_ax])
+    figure_legend(fig, [panel_ax], own_figure=ax is None)
     return fig
 
 
-def _passkey_panel(ax: Axes, accuracy: pd.DataFrame, train_length: int | None) -> None:
-    grid = accuracy.pivot(index="depth", columns="length", values="correct").sort_index().sort_index(axis=1)
-    sns.heatmap(
-        grid,
-        ax=ax,
-        vmin=0,
-        vmax=1,
-        cmap="viridis",
-        annot=True,
-        fmt=".2f",
-        cbar=False,
-        annot_kws={"fontsize": "small"},
-        linewidths=0.5,
-        linecolor="white",
-        xticklabels=[format_tokens(n) for n in grid.columns],
-        yticklabels=[f"{d:g}" for d in grid.index],
-    )
-    if train_length is not None and 0 < (boundary := int((grid.columns <= train_length).sum())) < len(
-        grid.columns
-    ):
-        mark_train_length(ax, train_length, x=boundary)
-    ax.set(xlabel="length (tokens)", ylabel="needle depth")
-    ax.tick_params(axis="y", rotation=0)
+def _spread(names: list[str], x: np.ndarray) -> dict[str, np.ndarray]:
+    """Small horizontal offsets per series (a fraction of the closest x spacing) so error bars do not overlap."""
+    gaps = np.diff(np.unique(x))
+    step = 0.12 * (gaps.min() if gaps.size else max(abs(float(x.max())), 1.0)) / max(len(names) - 1, 1)
+    centre = (len(names) - 1) / 2
+    return {name: (index - centre) * step for index, name in enumerate(names)}
+
+
+def _interval_lines(ax: Axes, table: pd.DataFrame, x: str, names: list[str]) -> None:
+    """Per series: its points joined by a line, with error bars from ``low`` to ``high``."""
+    offsets = _spread(names, table[x].to_numpy(dtype=float))
+    for name in names:
+        rows = table[table["series"] == name].sort_values(x)
+        look = method_style(name)
+        ax.errorbar(
+            rows[x] + offsets[name],
+            rows["mean"],
+            yerr=np.clip([rows["mean"] - rows["low"], rows["high"] - rows["mean"]], 0, None),  # rounding
+            color=look["color"],
+            linestyle=look["linestyle"],
+            marker=look["marker"] or "o",
+            markersize=4,
+            capsize=2.5,
+            elinewidth=0.9,
+            label=name,
+        )
 
 
 @styled
-def plot_passkey_heatmap(data: Any, train_length: int | None = None) -> Figure:
-    """Passkey accuracy as a length × depth heat map (Table 2), one panel per method, cells annotated.
+def plot_passkey(data: Any, train_length: int | None = None, *, ax: Axes | None = None) -> Figure:
+    """Passkey accuracy against prompt length (Table 2), one line per method, with 95 % Wilson intervals.
 
-    Reads the passkey frame (``PasskeyResult.to_dataframe``): method, length, depth, correct; accuracy is
-    the mean of ``correct`` over samples. Colour scale fixed to 0–1, one colour bar for all panels.
+    Reads the passkey frame (``PasskeyResult.to_dataframe``): method, length, depth, correct; a cell's
+    accuracy pools its depths and samples (n prompts), its interval is the Wilson score interval of that
+    count, so 1 of 1 reads as the weak evidence it is.
     """
     runs = run_frames(data, "passkey", PASSKEY_COLUMNS)
-    runs["correct"] = runs["correct"].astype(float)
-    accuracy = runs.groupby(["series", "length", "depth"], sort=False)["correct"].mean().reset_index()
-    names = list(accuracy["series"].unique())
-    fig, axes = new_axes(None, len(names), sharey=True)
-    for panel_ax, name in zip(axes, names, strict=True):
-        _passkey_panel(panel_ax, accuracy[accuracy["series"] == name], train_length)
-        panel_ax.set_title(name)
-        if panel_ax is not axes[0]:
-            panel_ax.set_ylabel("")
-    figure_legend(fig, axes, outside="outside lower center")
-    fig.colorbar(ScalarMappable(norm=Normalize(0, 1), cmap="viridis"), ax=axes, label="accuracy", shrink=0.9)
+    counts = runs.groupby(["series", "length"], sort=False)["correct"].agg(["sum", "size"]).reset_index()
+    counts["mean"] = counts["sum"] / counts["size"]
+    counts["low"], counts["high"] = wilson_interval(counts["sum"].to_numpy(), counts["size"].to_numpy())
+    names = sorted(counts["series"].unique(), key=lambda name: method_rank(str(name)))
+    fig, (panel_ax,) = new_axes(ax)
+    _interval_lines(panel_ax, counts, "length", names)
+    mark_train_length(panel_ax, train_length)
+    finish_axes(panel_ax, "prompt length (tokens)", "passkey accuracy", ybottom=-0.03)
+    panel_ax.set_ylim(top=1.03)
+    panel_ax.set_xticks(sorted(counts["length"].unique()))  # the lengths asked for, in tokens
+    figure_legend(fig, [panel_ax], own_figure=ax is None)
     return fig
 
 
@@ -114,9 +119,9 @@ def plot_method_comparison(
 ) -> Figure:
     """Grouped bars: one group per metric, one bar per method, value labels on the bars.
 
-    Reads any tidy frame with columns method, metric, value; repeated rows are averaged with a ±1 std
-    error bar. ``metrics`` picks and orders them. Metrics on different scales read better with
-    ``facet=True``: one panel per metric, each on its own y axis.
+    Reads any tidy frame with columns method, metric, value, and optionally low/high (an interval, drawn as an
+    error bar); repeated rows are averaged. ``metrics`` picks and orders them. Metrics on different scales read
+    better with ``facet=True``: one panel per metric, titled and labelled by it, each on its own y axis.
     """
     runs = run_frames(data, "method-comparison", COMPARISON_COLUMNS)
     metrics = list(metrics) if metrics is not None else list(runs["metric"].unique())
@@ -124,39 +129,52 @@ def plot_method_comparison(
     if missing:
         raise OodlensError(f"metric {missing[0]!r} is not in the data (has {sorted(set(runs['metric']))})")
     runs = runs[runs["metric"].isin(metrics)]
-    palette = {name: method_color(name) for name in runs["series"].unique()}
+    names = sorted(runs["series"].unique(), key=lambda name: method_rank(str(name)))
     if not facet:
         fig, (panel_ax,) = new_axes(ax)
-        _bars(panel_ax, runs, palette, x="metric", order=metrics)
+        _bars(panel_ax, runs, names, groups=metrics)
+        panel_ax.set_ylabel("value")
+        figure_legend(fig, [panel_ax], own_figure=ax is None)
         return fig
-    fig, axes = new_axes(ax, len(metrics))
+    fig, axes = new_axes(ax, len(metrics), ncols=min(len(metrics), 3))
     for panel_ax, metric in zip(axes, metrics, strict=True):
-        _bars(panel_ax, runs[runs["metric"] == metric], palette, x="series", order=list(palette))
-        panel_ax.set(title=metric, xlabel="", ylabel="")
-        panel_ax.tick_params(axis="x", rotation=30)
+        _bars(panel_ax, runs[runs["metric"] == metric], names, groups=None)
+        panel_ax.set_title(metric, fontsize="medium")
+        panel_ax.set_ylabel(metric.split(" (")[0])
     return fig
 
 
-def _bars(ax: Axes, frame: pd.DataFrame, palette: dict[str, str], *, x: str, order: list[str]) -> None:
-    sns.barplot(
-        frame,
-        x=x,
-        y="value",
-        hue="series",
-        hue_order=list(palette),
-        order=order,
-        palette=palette,
-        errorbar="sd",
-        saturation=1,
-        ax=ax,
-        legend=x != "series",
-        err_kws={"linewidth": 1},
+def _bars(ax: Axes, frame: pd.DataFrame, names: list[str], *, groups: list[str] | None) -> None:
+    """Bars of ``frame``'s mean value: per method (``groups=None``), or per method within each metric group."""
+    table = frame.groupby(["metric", "series"], sort=False).agg(
+        value=("value", "mean"), **{c: (c, "mean") for c in ("low", "high") if c in frame}
     )
-    for container in ax.containers:
-        ax.bar_label(container, fmt="%.3g", fontsize="x-small", padding=1)
-    ax.set(xlabel="", ylabel="value")
-    if ax.get_legend() is not None:
-        ax.legend(title=None)
+    group_names = groups or [None]
+    width = 0.8 / (len(names) if groups else 1)
+    for index, name in enumerate(names):
+        xs, heights, lows, highs = [], [], [], []
+        for position, group in enumerate(group_names):
+            key = (group if group is not None else frame["metric"].iloc[0], name)
+            if key not in table.index:
+                continue
+            row = table.loc[key]
+            xs.append(position + (index - (len(names) - 1) / 2) * width if groups else index)
+            heights.append(row["value"])
+            lows.append(row.get("low", row["value"]))
+            highs.append(row.get("high", row["value"]))
+        look = method_style(name)
+        heights = np.asarray(heights, dtype=float)
+        errors = np.clip(
+            [heights - np.asarray(lows, dtype=float), np.asarray(highs, dtype=float) - heights], 0, None
+        )
+        interval = {"yerr": errors, "capsize": 2} if {"low", "high"} <= set(frame.columns) else {}
+        bars = ax.bar(xs, heights, width=width, color=look["color"], label=name, **interval)
+        ax.bar_label(bars, labels=[format_number(float(h)) for h in heights], fontsize="x-small", padding=2)
+    if groups:
+        ax.set_xticks(range(len(groups)), groups)
+    else:
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.margins(y=0.15)
 
 
 @styled
@@ -164,16 +182,26 @@ def plot_generation_quality(data: Any, train_length: int | None = None) -> Figur
     """BLEU and ROUGE-L of the continuation generated after each milestone length (Table 3), per method.
 
     Reads the generation frame (``GenerationResult.to_dataframe``): method, milestone, bleu, rouge_l.
-    Repeated rows (samples) are averaged, with a ±1 std band.
+    Repeated rows (windows) are averaged, with a 95 % bootstrap interval over them (none for one window).
     """
     runs = run_frames(data, "generation", GENERATION_COLUMNS)
+    names = sorted(runs["series"].unique(), key=lambda name: method_rank(str(name)))
     fig, axes = new_axes(None, 2, sharex=True)
     for panel_ax, (value, label) in zip(axes, (("bleu", "BLEU"), ("rouge_l", "ROUGE-L")), strict=True):
-        draw_series(
-            panel_ax, summarise(runs, "milestone", value, "std"), "milestone", marker="o", markersize=3.5
-        )
+        cells = runs.groupby(["series", "milestone"], sort=False)[value]
+        table = cells.mean().rename("mean").reset_index()
+        intervals = [bootstrap_interval(values.to_numpy()) for _, values in cells]
+        table["low"] = [
+            low if np.isfinite(low) else mean for (low, _), mean in zip(intervals, table["mean"], strict=True)
+        ]
+        table["high"] = [
+            high if np.isfinite(high) else mean
+            for (_, high), mean in zip(intervals, table["mean"], strict=True)
+        ]
+        _interval_lines(panel_ax, table, "milestone", names)
         mark_train_length(panel_ax, train_length)
-        finish_axes(panel_ax, "milestone (tokens)", label, ybottom=0)
+        finish_axes(panel_ax, "context (tokens)", label, ybottom=0)
+        panel_ax.set_xticks(sorted(table["milestone"].unique()))  # the milestones generated after
     figure_legend(fig, axes)
     return fig
 
@@ -191,16 +219,19 @@ def plot_efficiency(data: Any, train_length: int | None = None) -> Figure:
     ms_per_token, peak_gib (one row per method and length).
     """
     frame = as_frame(data, "efficiency", EFFICIENCY_COLUMNS, "to_dataframe").sort_values(["method", "length"])
-    fig, (time_ax, memory_ax) = new_axes(None, 2)
-    for method, rows in frame.groupby("method", sort=False):
-        color = method_color(method)
+    fig, (time_ax, memory_ax) = new_axes(None, 2, sharex=True)
+    for method in sorted(frame["method"].unique(), key=method_rank):
+        rows = frame[frame["method"] == method]
+        look = method_style(method)
         previous = rows["length"].shift()
         spans = rows.assign(middle=(previous + rows["length"]) / 2).dropna(subset=["marginal_ms_per_token"])
-        time_ax.plot(spans["middle"], spans["marginal_ms_per_token"], "o-", color=color, label=method)
-        memory_ax.plot(rows["length"], rows["peak_gib"], "o-", color=color, label=method)
-    for ax, label in ((time_ax, "marginal time per token (ms)"), (memory_ax, "peak memory (GiB)")):
+        time_ax.plot(spans["middle"], spans["marginal_ms_per_token"], label=method, **look)
+        memory_ax.plot(rows["length"], rows["peak_gib"], label=method, **look)
+    lengths = sorted(frame["length"].unique())
+    for ax, label in ((time_ax, "ms per added token"), (memory_ax, "peak memory (GiB)")):
         ax.set_xscale("log", base=2)
         mark_train_length(ax, train_length)
         finish_axes(ax, "sequence length (tokens)", label, ybottom=0)
+        ax.set_xticks(lengths)
     figure_legend(fig, [time_ax, memory_ax])
     return fig

@@ -29,16 +29,28 @@ OKABE_ITO = {
     "purple": "#CC79A7",
     "grey": "#999999",
 }
-METHOD_COLORS = {
-    "vanilla": OKABE_ITO["vermillion"],
-    "lm-infinite": OKABE_ITO["blue"],
-    "window": OKABE_ITO["orange"],
-    "lambda": OKABE_ITO["green"],
-    "distance-limit": OKABE_ITO["purple"],
-    "truncated": OKABE_ITO["grey"],
-    "streaming-llm": OKABE_ITO["sky"],
-    "self-extend": OKABE_ITO["black"],
+# Every method's colour, line style and marker, in the order figures list methods: colour alone cannot tell
+# fourteen methods apart, colour with dashes and markers can (and survives greyscale printing).
+METHOD_STYLES: dict[str, tuple[str, Any, str | None]] = {
+    "vanilla": (OKABE_ITO["vermillion"], "-", "o"),
+    "truncated": (OKABE_ITO["grey"], (0, (4, 2)), None),
+    "lm-infinite": (OKABE_ITO["blue"], "-", "s"),
+    "window": (OKABE_ITO["orange"], (0, (6, 2)), "v"),
+    "lambda": (OKABE_ITO["green"], "-.", "^"),
+    "distance-limit": (OKABE_ITO["purple"], ":", "D"),
+    "streaming-llm": (OKABE_ITO["sky"], "-", "P"),
+    "self-extend": (OKABE_ITO["black"], (0, (4, 1, 1, 1)), "X"),
+    "rerope": (OKABE_ITO["purple"], ":", "D"),
+    "leaky-rerope": (OKABE_ITO["purple"], "-.", "d"),
+    "string": ("#8C6D00", "-", "h"),  # Okabe & Ito's yellow, darkened to read on white
+    "dual-chunk": (OKABE_ITO["green"], (0, (6, 2)), "p"),
+    "pi": (OKABE_ITO["sky"], ":", "<"),
+    "ntk": (OKABE_ITO["sky"], (0, (6, 2)), ">"),
+    "yarn": (OKABE_ITO["orange"], "-.", "*"),
+    "llama3-rope": (OKABE_ITO["black"], ":", "1"),
+    "longrope": (OKABE_ITO["black"], "-.", "2"),
 }
+METHOD_COLORS = {name: style[0] for name, style in METHOD_STYLES.items()}
 METHOD_ALIASES = {
     "before": "vanilla",
     "after": "lm-infinite",
@@ -63,7 +75,7 @@ def style_rc() -> dict[str, Any]:
     rc = {**sns.axes_style("ticks"), **sns.plotting_context("paper", font_scale=1.15)}
     rc.update(
         {
-            "axes.prop_cycle": matplotlib.cycler(color=list(METHOD_COLORS.values())),
+            "axes.prop_cycle": matplotlib.cycler(color=list(dict.fromkeys(METHOD_COLORS.values()))),
             "axes.spines.top": False,
             "axes.spines.right": False,
             "legend.frameon": True,  # white, borderless: legible over lines, invisible elsewhere
@@ -115,6 +127,21 @@ def method_color(name: str) -> str:
     if key in METHOD_COLORS:
         return METHOD_COLORS[key]
     return _FALLBACK_COLORS[zlib.crc32(key.encode()) % len(_FALLBACK_COLORS)]
+
+
+def method_style(name: str) -> dict[str, Any]:
+    """``color``, ``linestyle`` and ``marker`` of a method or run label (others: a stable colour, solid)."""
+    key = canonical(name)
+    if key in METHOD_STYLES:
+        color, linestyle, marker = METHOD_STYLES[key]
+        return {"color": color, "linestyle": linestyle, "marker": marker}
+    return {"color": method_color(name), "linestyle": "-", "marker": "o"}
+
+
+def method_rank(name: str) -> int:
+    """Where a method comes in every figure's order (unknown names after the known ones)."""
+    key = canonical(name)
+    return list(METHOD_STYLES).index(key) if key in METHOD_STYLES else len(METHOD_STYLES)
 
 
 def save_figure(fig: Figure, path: str | os.PathLike[str]) -> tuple[Path, Path]:

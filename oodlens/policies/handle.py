@@ -18,6 +18,7 @@ from ..rope import rotary_spec_for
 from .base import Policy
 from .lm_infinite import lm_infinite
 from .registry import policy_by_name
+from .rope_scaling import rebuild_rotary
 
 
 class PolicyHandle:
@@ -45,7 +46,12 @@ class PolicyHandle:
                 "(handle.remove(), or leave its with-block) before applying another"
             )
         self._previous = model.config._attn_implementation
-        needs_rope = policy.rewrites_distance
+        self._restore_rotary = (
+            rebuild_rotary(model, dict(policy.rope_parameters))
+            if policy.rope_parameters is not None
+            else None
+        )
+        needs_rope = policy.rewrites_positions
         for module in self.parts.attention:
             rotary = rotary_spec_for(model, module) if needs_rope else None
             binding = attention.Binding(policy.layer_plan(module.layer_idx, rotary), observer, block_size)
@@ -79,6 +85,9 @@ class PolicyHandle:
     def _unbind(self) -> None:
         for module in self.parts.attention:
             attention.unbind(module)
+        if self._restore_rotary is not None:
+            self._restore_rotary()
+            self._restore_rotary = None
 
     def remove(self) -> None:
         """Restore the previous attention implementation (idempotent)."""

@@ -7,16 +7,45 @@ policy             keys query i sees                     distance used
 vanilla            all j ≤ i                             i − j
 window             i − j < W                             i − j
 lambda             j < G or i − j < W                    i − j
-distance-limit     all j ≤ i                             min(i − j, L)  (ReRoPE-like)
+distance-limit     all j ≤ i                             min(i − j, L)  (ReRoPE without its log scale)
 lm-infinite        j < G or i − j < W                    i − j locally, L for far starting keys
 =================  ====================================  =====================================
 
-W (``n_local``) and L (``distance_limit``) default to the pretraining length, G is ``n_global``.
+W (``n_local``) defaults to the pretraining length and L (``distance_limit``) to W, as the paper sets both; G is
+``n_global`` (the paper: anything in 5–100 works alike, 10 by default). A limit beyond W or beyond the
+pretraining length is refused: it would show the model distances it never saw.
 """
 
 from __future__ import annotations
 
-from .base import EVERY_KEY, Policy
+from typing import Any
+
+from ..errors import OodlensError, check_count
+from .base import EVERY_KEY, RESOLVERS, Policy, or_length, settings_of, tokens
+
+
+def _band(settings: dict[str, Any], train_length: int) -> dict[str, Any]:
+    """A window (default L) with the first ``n_global`` keys beyond it, optionally at a distance limit
+    (default L); every length at most L, and the limit at most the window."""
+    window = tokens("n_local/window", or_length(settings.get("n_local"), train_length))
+    n_global = settings.get("n_global", 0)
+    if n_global != EVERY_KEY:
+        check_count("n_global", n_global, minimum=0)
+    limit = None
+    if settings.get("limited"):
+        limit = tokens("distance_limit", or_length(settings.get("distance_limit"), window), upto=train_length)
+        if limit > window:
+            raise OodlensError(
+                f"distance_limit {limit} exceeds the window {window}: keys just beyond the window would be seen "
+                "farther than keys inside it; use a limit of at most the window"
+            )
+    top_k = check_count("top_k", settings.get("top_k", 0), minimum=0)
+    if top_k and limit is None:
+        raise OodlensError("top_k needs a distance limit (the top-k keys sit at distance_limit // 2)")
+    return {"window": window, "n_global": n_global, "distance_limit": limit, "top_k": top_k}
+
+
+RESOLVERS["band"] = _band
 
 
 def vanilla() -> Policy:
@@ -26,18 +55,21 @@ def vanilla() -> Policy:
 
 def window(n_local: int | None = None) -> Policy:
     """Sliding window of ``n_local`` keys (default: the pretraining length), no starting tokens."""
-    return Policy("window", window=n_local, windowed=True)
+    return Policy("window", "band", settings_of(n_local=n_local))
 
 
 def lambda_mask(n_global: int = 10, n_local: int | None = None) -> Policy:
     """Λ-shaped mask only: starting tokens plus the window, distances left as they are."""
-    return Policy("lambda", window=n_local, n_global=n_global, windowed=True)
+    return Policy("lambda", "band", settings_of(n_global=n_global, n_local=n_local))
 
 
 def distance_limit(limit: int | None = None) -> Policy:
-    """Distance limit only (ReRoPE-like): every key, distances beyond ``limit`` clamped to ``limit``."""
+    """Distance limit only: every key, distances beyond ``limit`` (default: the pretraining length) clamped to
+    it. This is ReRoPE without its log query scale (:func:`oodlens.policies.peers.rerope`)."""
     return Policy(
-        "distance-limit", window=limit, n_global=EVERY_KEY, distance_limit=limit, windowed=True, limited=True
+        "distance-limit",
+        "band",
+        settings_of(n_local=limit, n_global=EVERY_KEY, distance_limit=limit, limited=True),
     )
 
 
@@ -48,14 +80,9 @@ def lm_infinite(
     top_k: int = 0,
     top_k_from_layer: int = 4,
 ) -> Policy:
-    """LM-Infinite: Λ-shaped mask plus distance limit (and optionally top-k middle tokens)."""
-    return Policy(
-        "lm-infinite",
-        window=n_local,
-        n_global=n_global,
-        distance_limit=distance_limit,
-        top_k=top_k,
-        top_k_from_layer=top_k_from_layer,
-        windowed=True,
-        limited=True,
+    """LM-Infinite: Λ-shaped mask plus distance limit (and optionally top-k middle tokens, the paper's passkey
+    setting is ``top_k=5``)."""
+    settings = settings_of(
+        n_global=n_global, n_local=n_local, distance_limit=distance_limit, limited=True, top_k=top_k
     )
+    return Policy("lm-infinite", "band", settings, top_k_from_layer=top_k_from_layer)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from ..errors import OodlensError
 from .base import Policy
 from .lm_infinite import distance_limit, lambda_mask, lm_infinite, vanilla, window
+from .peers import dual_chunk, leaky_rerope, rerope, self_extend, streaming_llm, string
+from .rope_scaling import rope_scaling
 
 POLICIES: dict[str, Callable[..., Policy]] = {
     "vanilla": vanilla,
@@ -16,6 +19,16 @@ POLICIES: dict[str, Callable[..., Policy]] = {
     "lambda": lambda_mask,
     "distance-limit": distance_limit,
     "lm-infinite": lm_infinite,
+    "streaming-llm": streaming_llm,
+    "self-extend": self_extend,
+    "rerope": rerope,
+    "leaky-rerope": leaky_rerope,
+    "string": string,
+    "dual-chunk": dual_chunk,
+    "pi": partial(rope_scaling, "linear"),
+    "ntk": partial(rope_scaling, "dynamic"),
+    "yarn": partial(rope_scaling, "yarn"),
+    "llama3-rope": partial(rope_scaling, "llama3"),
 }
 
 

@@ -7,10 +7,11 @@ A thin command line (:mod:`.cli`) over one function, :func:`run_probe` (:mod:`.r
 command line's options.
 """
 
+from ..display import format_number
 from .cli import build_parser, main
 from .config import ProbeConfig
 from .report import write_report
-from .result import ProbeResult, format_number
+from .result import ProbeResult
 from .run import run_probe, score_and_diagnose, truncated_baseline_nll
 
 __all__ = [

@@ -147,13 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     """Run the probe from the command line; returns the exit code (2 for a user mistake, 130 if interrupted)."""
     try:
         config, args = parse_args(argv)
-        logging.basicConfig(
-            level=logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO,
-            format="%(message)s",
+        _show_progress_messages(
+            logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
         )
-        folder = prepare_output(Path(args.out), overwrite=args.overwrite)
-        result = run_probe(config)
-        write_report(result, folder, overwrite=True)
+        with prepare_output(Path(args.out), overwrite=args.overwrite) as writer:  # locked until written
+            result = run_probe(config)
+            folder = write_report(result, writer)
     except OodlensError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -162,6 +161,29 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     print_summary(result, folder)
     return 0
+
+
+class _StandardError(logging.StreamHandler):
+    """A handler that writes to whatever ``sys.stderr`` is when a message comes (a caller, such as a test or a
+    notebook, may replace it between runs)."""
+
+    @property
+    def stream(self):  # noqa: D102
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def _show_progress_messages(level: int) -> None:
+    """oodlens' own messages on standard error at ``level`` (other libraries' loggers are left alone)."""
+    logger = logging.getLogger("oodlens")
+    if not any(isinstance(handler, _StandardError) for handler in logger.handlers):
+        handler = _StandardError()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level)
 
 
 def main_entry() -> None:

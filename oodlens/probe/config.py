@@ -8,7 +8,8 @@ from the model's pretraining length and checks what depends on them.
 
 from __future__ import annotations
 
-from dataclasses import MISSING, asdict, dataclass, field, fields
+import math
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..data import DEFAULT_CORPUS
@@ -22,6 +23,9 @@ def option(default: Any, group: str, help: str, *, metavar: str | None = None) -
     return field(default=default, metadata={"group": group, "help": help, "metavar": metavar})
 
 
+# By measurement on SmolLM2 (trained at 8,192): at 1.5 × L the largest logit at unseen distances stays below
+# the largest within (17.4 vs 20.3), so Factor 1 does not show; at 2 × L it does (docs/results.md).
+DEFAULT_LENGTH_FACTOR = 2
 RUN, MODEL, FIX, EVALUATIONS, OUTPUT = "what to run", "model", "methods", "evaluations", "output"
 
 
@@ -41,7 +45,9 @@ class ProbeConfig:
         f"'{DEFAULT_CORPUS}' (embedded), a text file, a folder of text files, or hf:<dataset>[:<split>] "
         "(local copy)",
     )
-    length: int | None = option(None, RUN, "tokens per window (default: 1.5 × the pretraining length)")
+    length: int | None = option(
+        None, RUN, "tokens per window (default: 2 × the pretraining length, where all three factors show)"
+    )
     methods: tuple[str, ...] = option(
         ("vanilla", "lm-infinite"), RUN, f"comma-separated methods from: {', '.join(POLICIES)}"
     )
@@ -53,7 +59,9 @@ class ProbeConfig:
     train_length: int | None = option(None, MODEL, "pretraining length (default: from the model)")
     n_global: int = option(10, FIX, "starting tokens kept visible by the Λ-shaped methods")
     top_k: int = option(0, FIX, "LM-Infinite's top-k middle tokens per head (0: off)")
-    bucket: int = option(1024, EVALUATIONS, "position bucket width for perplexity")
+    bucket: int | None = option(
+        None, EVALUATIONS, "position bucket width for perplexity (default: about --length / 12, a power of 2)"
+    )
     query_stride: int | None = option(
         None, EVALUATIONS, "sample every k-th query for the logit-by-distance statistics (1: every query)"
     )
@@ -76,33 +84,43 @@ class ProbeConfig:
 
     def validate(self) -> ProbeConfig:
         """Check every value that does not need the model (run before it loads); returns ``self``."""
-        for name in ("windows", "bucket", "new_tokens", "passkey_samples"):
-            check_count(f"--{name.replace('_', '-')}", getattr(self, name))
-        check_count("--n-global", self.n_global, minimum=0)
-        check_count("--top-k", self.top_k, minimum=0)
-        check_count("--stream-tokens", self.stream_tokens, minimum=0)
-        for name in ("length", "train_length", "query_stride"):
+        for name, minimum in (("windows", 1), ("new_tokens", 1), ("passkey_samples", 1), ("seed", 0)):
+            check_count(f"--{name.replace('_', '-')}", getattr(self, name), minimum)
+        for name in ("n_global", "top_k"):
+            check_count(f"--{name.replace('_', '-')}", getattr(self, name), minimum=0)
+        for name, minimum in (("length", 2), ("train_length", 2), ("query_stride", 1), ("bucket", 1)):
             if getattr(self, name) is not None:
-                check_count(
-                    f"--{name.replace('_', '-')}",
-                    getattr(self, name),
-                    minimum=2 if name != "query_stride" else 1,
-                )
+                check_count(f"--{name.replace('_', '-')}", getattr(self, name), minimum)
+        if self.stream_tokens != 0:
+            check_count("--stream-tokens (0 turns streaming off)", self.stream_tokens, minimum=2)
         if not self.methods:
             raise OodlensError("--methods is empty; name at least one of " + ", ".join(POLICIES))
         for method in self.methods:
             check_method(method)
+        repeated = sorted({method for method in self.methods if self.methods.count(method) > 1})
+        if repeated:
+            raise OodlensError(f"--methods names {repeated[0]!r} twice: name each method once")
         if any(not 0.0 <= depth <= 1.0 for depth in self.passkey_depths):
             raise OodlensError("--passkey-depths must lie in [0, 1]")
+        for length in self.passkey_lengths or ():
+            check_count("--passkey-lengths", length, minimum=2)
+        if self.passkey and not self.passkey_depths:
+            raise OodlensError(
+                "--passkey-depths is empty: give at least one depth in [0, 1] (or --no-passkey)"
+            )
+        if self.passkey and self.passkey_lengths == ():
+            raise OodlensError("--passkey-lengths is empty: give at least one length (or leave it out)")
+        for milestone in self.milestones or ():
+            check_count("--milestones", milestone, minimum=1)
         return self
 
     def resolved(self, train_length: int) -> ProbeConfig:
         """A copy with every default length filled in and every value checked."""
         self.validate()
-        length = self.length if self.length is not None else int(1.5 * train_length)
+        length = self.length if self.length is not None else DEFAULT_LENGTH_FACTOR * train_length
         passkey_lengths = self.passkey_lengths or (length,)
         milestones = self.milestones or (max(1, length - self.new_tokens),)
-        if any(m + self.new_tokens > length for m in milestones):
+        if self.generation and any(m + self.new_tokens > length for m in milestones):
             raise OodlensError(
                 f"a generation milestone plus --new-tokens ({self.new_tokens}) exceeds --length {length}; "
                 "use smaller milestones"
@@ -111,6 +129,7 @@ class ProbeConfig:
             **{
                 **asdict(self),
                 "length": length,
+                "bucket": self.bucket or default_bucket(length),
                 "passkey_lengths": tuple(passkey_lengths),
                 "milestones": tuple(milestones),
                 "methods": tuple(self.methods),
@@ -118,10 +137,12 @@ class ProbeConfig:
         )
 
     def policies(self) -> list[Policy]:
-        """The methods as policies, each with this run's ``n_global`` and ``top_k`` where it takes them."""
-        return [policy_by_name(name, n_global=self.n_global, top_k=self.top_k) for name in self.methods]
+        """The methods as policies, each with this run's ``n_global``, ``top_k`` and length (RoPE scaling's
+        target) where it takes them."""
+        settings = {"n_global": self.n_global, "top_k": self.top_k, "target_length": self.length}
+        return [policy_by_name(name, **settings) for name in self.methods]
 
 
-def defaults() -> dict[str, Any]:
-    """Every field's default, by name."""
-    return {f.name: f.default for f in fields(ProbeConfig) if f.default is not MISSING}
+def default_bucket(length: int) -> int:
+    """About a twelfth of ``length``, rounded to a power of 2 (12,288 tokens → 1,024)."""
+    return 2 ** max(0, round(math.log2(length / 12)))

@@ -16,9 +16,9 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from .. import plotting
-from ..errors import OodlensError
-from ..storage import check_replaceable, folder_kind, write_folder, write_json
-from .result import format_number
+from ..display import format_number
+from ..storage import FolderWriter, folder_kind, preflight, write_folder, write_json
+from ..theory import factor_findings
 
 if TYPE_CHECKING:
     from .result import ProbeResult
@@ -27,9 +27,11 @@ if TYPE_CHECKING:
 REPORT_KIND = "report"
 
 
-def prepare_output(folder: Path, overwrite: bool) -> Path:
-    """Check before a long run that ``folder`` may be written (see :func:`oodlens.storage.check_replaceable`):
-    a new or empty folder, or an earlier report with ``overwrite`` (asked for on a terminal)."""
+def prepare_output(folder: Path, overwrite: bool) -> FolderWriter:
+    """Before a long run: check that ``folder`` may be written (a new or empty folder, or an earlier report
+    with ``overwrite``, asked for on a terminal), lock it against a second run, and create its staging folder
+    (:func:`oodlens.storage.preflight`); use the writer as a context manager and hand it to
+    :func:`write_report`."""
     folder = Path(os.path.abspath(Path(folder).expanduser()))
     wants_overwrite = overwrite or (
         folder_kind(folder) == REPORT_KIND
@@ -39,18 +41,19 @@ def prepare_output(folder: Path, overwrite: bool) -> Path:
         .lower()
         in ("y", "yes")
     )
-    check_replaceable(folder, REPORT_KIND, wants_overwrite)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(folder.parent, os.W_OK):
-        raise OodlensError(f"cannot write into {folder.parent}; choose another --out")
-    return folder
+    return preflight(folder, kind=REPORT_KIND, overwrite=wants_overwrite)
 
 
-def write_report(result: ProbeResult, folder: Path, overwrite: bool = False) -> Path:
-    """Write the whole output folder for ``result`` atomically (:func:`oodlens.storage.write_folder`)."""
-    return write_folder(
-        folder, lambda root: _write_contents(result, root), kind=REPORT_KIND, overwrite=overwrite
-    )
+def write_report(result: ProbeResult, folder: Path | FolderWriter, overwrite: bool = False) -> Path:
+    """Write the whole output folder for ``result`` atomically: through the writer :func:`prepare_output`
+    made, or (given a path) through :func:`oodlens.storage.write_folder`."""
+
+    def fill(root: Path) -> None:
+        _write_contents(result, root)
+
+    if isinstance(folder, FolderWriter):
+        return folder.commit(fill)
+    return write_folder(folder, fill, kind=REPORT_KIND, overwrite=overwrite)
 
 
 def _write_contents(result: ProbeResult, root: Path) -> None:
@@ -124,7 +127,7 @@ def _figures(result: ProbeResult, folder: Path) -> list[Path]:
         result.perplexity, train
     )
     if result.passkey is not None:
-        drawings["passkey"] = lambda: plotting.plot_passkey_heatmap(result.passkey, train)
+        drawings["passkey"] = lambda: plotting.plot_passkey(result.passkey, train)
     if result.generation is not None:
         drawings["generation_quality"] = lambda: plotting.plot_generation_quality(result.generation, train)
     comparison = comparison_frame(result)
@@ -144,29 +147,84 @@ def _figures(result: ProbeResult, folder: Path) -> list[Path]:
     return paths
 
 
-FIGURE_CAPTIONS = {
-    "logits_by_distance": "Factor 1 — running maximum of attention logits against distance (mean over heads, "
-    "band: spread over heads). Vanilla's bound keeps rising past the pretraining length; "
-    "the distance limit caps it.",
-    "max_logit_by_position": "Largest attention logit of each sampled query against its position.",
-    "entropy_by_position": "Factor 2 — attention entropy against query position, with the ln n reference of a "
-    "uniform distribution. Attending to more tokens than seen in training raises it.",
-    "sink_mass": "Attention mass on the first tokens (the 'sink') against query position.",
-    "hidden_pca": "Factor 3 — PCA of hidden states coloured by position: the starting tokens sit in a region "
-    "of their own, which a plain sliding window would drop.",
-    "hidden_norm": "Hidden-state norm and cosine similarity to the mean of later positions, by position.",
-    "perplexity_by_position": "Perplexity by position (log scale) for every method and the content-matched "
-    "baseline whose context is truncated to the pretraining length.",
-    "passkey": "Passkey retrieval accuracy by prompt length and needle depth.",
-    "generation_quality": "BLEU and ROUGE-L of generated continuations after long contexts.",
-    "method_comparison": "Headline numbers per method.",
-    "streaming_perplexity": "Streaming perplexity through LM-Infinite's bounded cache.",
-}
+def figure_captions(result: ProbeResult) -> dict[str, str]:
+    """A caption for every figure, saying what is drawn and what this run's numbers show."""
+    train, length = result.train_length, result.config.length
+    findings = {
+        method: {f.factor: f for f in factor_findings(d.summary(), length, train)}
+        for method, d in result.diagnoses.items()
+    }
+
+    def per_method(factor: int, describe) -> str:
+        return "; ".join(f"{method}: {describe(found[factor])}" for method, found in findings.items())
+
+    captions = {
+        "logits_by_distance": "Factor 1 — the largest attention logit up to each query–key distance (median over "
+        "heads, band: interquartile range). Largest logit beyond L vs within: "
+        + per_method(1, lambda f: f"{format_number(f.beyond)} vs {format_number(f.within)}")
+        + ".",
+        "max_logit_by_position": "Largest attention logit of each sampled query against its position.",
+        "entropy_by_position": "Factor 2 — attention entropy against query position, with the ln n entropy of "
+        "attending evenly. Mean entropy beyond L vs the second half of L: "
+        + per_method(2, lambda f: f"{format_number(f.beyond)} vs {format_number(f.within)} nats")
+        + ".",
+        "sink_mass": "Attention mass on the starting tokens against query position. Within L: "
+        + per_method(3, lambda f: format_number(f.within))
+        + ".",
+        "hidden_pca": "Factor 3 — PCA of hidden states coloured by position, starting tokens drawn large. Best "
+        "ROC-AUC of a linear probe telling them from the rest: "
+        + per_method(3, lambda f: format_number(f.beyond))
+        + ".",
+        "hidden_norm": "Hidden-state norm and cosine similarity to the mean of later positions, by position.",
+        "perplexity_by_position": "Perplexity by position (log scale) for every method and the content-matched "
+        "baseline whose context is truncated to the pretraining length. " + _perplexity_sentence(result),
+        "method_comparison": "Headline numbers per method.",
+    }
+    if result.passkey is not None:
+        accuracy = result.passkey.summary()
+        captions["passkey"] = (
+            "Passkey retrieval accuracy by prompt length and needle depth: "
+            + "; ".join(
+                f"{method} " + ", ".join(f"{format_number(v)} at {k}" for k, v in by_length.items())
+                for method, by_length in accuracy.items()
+            )
+            + "."
+        )
+    if result.generation is not None:
+        scores = result.generation.summary()
+        captions["generation_quality"] = (
+            "BLEU and ROUGE-L of the greedy continuation against the real one: "
+            + "; ".join(
+                f"{method} ROUGE-L "
+                + ", ".join(f"{format_number(v['rouge_l'])} after {k}" for k, v in by_milestone.items())
+                for method, by_milestone in scores.items()
+            )
+            + "."
+        )
+    if result.streaming is not None:
+        stream = result.streaming
+        captions["streaming_perplexity"] = (
+            f"Streaming perplexity of {stream.method} through its bounded cache over {stream.n_tokens:,} tokens: "
+            f"{format_number(stream.ppl())} overall, at most {stream.peak_cache_tokens:,} keys held per layer."
+        )
+    return captions
+
+
+def _perplexity_sentence(result: ProbeResult) -> str:
+    summary = result.perplexity.summary()["methods"]
+    return (
+        "Beyond L: "
+        + ", ".join(
+            f"{method} {format_number(block['ppl_beyond_train_length'])}" for method, block in summary.items()
+        )
+        + "."
+    )
 
 
 def render_markdown(result: ProbeResult, summary: dict, figures: list[Path], root: Path) -> str:
     """``report.md``: the run, the verdict, a table of numbers and every figure with a caption."""
     cfg = result.config
+    captions = figure_captions(result)
     lines = [
         f"# oodlens probe: {result.info.name}",
         "",
@@ -211,7 +269,7 @@ def render_markdown(result: ProbeResult, summary: dict, figures: list[Path], roo
         lines += [
             f"### {name.replace('_', ' ')}",
             "",
-            FIGURE_CAPTIONS.get(name, ""),
+            captions.get(name, ""),
             "",
             f"![{name}]({png.relative_to(root)})",
             "",

@@ -8,15 +8,16 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..capture import Diagnosis
+from ..display import Displayed, format_number
 from ..evaluate import TRUNCATED_BASELINE, GenerationResult, PasskeyResult, PerplexityResult, StreamingResult
 from ..models import ModelInfo
 from ..storage import json_ready, runtime_versions
-from ..theory import TheoryReport
+from ..theory import Finding, TheoryReport, factor_findings
 from .config import ProbeConfig
 
 
-@dataclass
-class ProbeResult:
+@dataclass(repr=False)
+class ProbeResult(Displayed):
     """What a probe run found; :func:`oodlens.report.write_report` turns it into a folder."""
 
     config: ProbeConfig
@@ -30,6 +31,27 @@ class ProbeResult:
     skipped: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+
+    def headline(self) -> dict[str, Any]:
+        cfg = self.config
+        return {
+            "model": self.info.name,
+            "train_length": self.train_length,
+            "windows": f"{cfg.windows} × {cfg.length} tokens",
+            "seconds": round(self.seconds, 1),
+        }
+
+    def display_rows(self) -> dict[str, dict[str, Any]]:
+        rows = {}
+        for method, block in self.summary()["methods"].items():
+            diagnosis = block.get("diagnosis", {})
+            rows[method] = {
+                "ppl beyond L": block.get("ppl_beyond_train_length"),
+                "max logit beyond L": diagnosis.get("max_logit_beyond"),
+                "entropy beyond L": diagnosis.get("entropy_beyond"),
+                "skipped": block.get("skipped", ""),
+            }
+        return rows
 
     @property
     def train_length(self) -> int:
@@ -80,17 +102,6 @@ class ProbeResult:
         return verdict(self)
 
 
-def format_number(value: float | int | None) -> str:
-    """A number as reports show it: 3 significant digits, scientific from 10⁴, ∞ for overflow, – for none."""
-    if value is None:
-        return "–"
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    if not math.isfinite(value):
-        return "∞" if value > 0 else ("n/a" if math.isnan(value) else "-∞")
-    return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.2e}"
-
-
 def verdict(result: ProbeResult) -> str:
     train, length = result.train_length, result.config.length
     parts = []
@@ -138,15 +149,13 @@ def verdict(result: ProbeResult) -> str:
                 f"{'the fix held' if held else 'the fix did not fully hold'}"
             )
         parts.append(sentence + ".")
-    for method, diagnosis in result.diagnoses.items():
-        summary = diagnosis.summary()
-        within, beyond = summary.get("max_logit_within"), summary.get("max_logit_beyond")
-        ent_in, ent_out = summary.get("entropy_within"), summary.get("entropy_beyond")
-        if beyond is not None and math.isfinite(beyond):
-            parts.append(
-                f"[{method}] max attention logit {format_number(within)} within vs {format_number(beyond)} beyond; mean "
-                f"entropy {format_number(ent_in)} vs {format_number(ent_out)} nats."
-            )
+    found = {method: factor_findings(d.summary(), length, train) for method, d in result.diagnoses.items()}
+    if length > train:
+        parts += [finding.sentence for finding in found.get("vanilla", [])]
+        for method, findings in found.items():
+            if method != "vanilla":
+                clauses = [_fix_clause(finding, found.get("vanilla")) for finding in findings]
+                parts.append(f"Under {method}: " + "; ".join(clauses) + ".")
     if result.passkey is not None:
         acc = result.passkey.summary()
         parts.append(
@@ -160,3 +169,28 @@ def verdict(result: ProbeResult) -> str:
     for method, reason in result.skipped.items():
         parts.append(f"{method} was skipped: {reason}")
     return " ".join(parts)
+
+
+FACTOR_NAMES = {1: "unseen distances", 2: "attention entropy", 3: "starting tokens"}
+
+
+def _fix_clause(finding: Finding, vanilla: list[Finding] | None) -> str:
+    """How a method leaves one factor, from its own diagnosis, beside vanilla's number where there is one."""
+    name = f"factor {finding.factor} ({FACTOR_NAMES[finding.factor]})"
+    before = vanilla[finding.factor - 1] if vanilla else None
+    if finding.factor == 3:
+        kept = "kept visible" if finding.within > 0 else "not attended"
+        return f"{name} {kept}, sink mass {format_number(finding.within)} within L"
+    unit = " nats" if finding.factor == 2 else ""
+    reference = "largest logit" if finding.factor == 1 else "mean entropy"
+    sentence = (
+        f"{reference} beyond L {format_number(finding.beyond)}{unit} vs {format_number(finding.within)} within"
+        + ("" if before is None else f" (vanilla {format_number(before.beyond)})")
+    )
+    if not finding.shows:
+        state = "in the trained range"
+    elif before is not None and finding.beyond < before.beyond:
+        state = "reduced, not removed"
+    else:
+        state = "not repaired"
+    return f"{name} {state}: {sentence}"

@@ -24,7 +24,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..capture import CaptureConfig, Diagnosis, capture
-from ..data import Corpus, corpus_tokens, load_corpus, token_windows
+from ..data import Corpus, corpus_tokens, load_corpus, passkey_minimum_length, token_windows
+from ..errors import OodlensError
 from ..evaluate import (
     TRUNCATED_BASELINE,
     GenerationResult,
@@ -40,6 +41,7 @@ from ..evaluate import (
 )
 from ..evaluate.budget import check_memory
 from ..models import LoadedModel, ModelInfo, load_model
+from ..models.anatomy import check_positions
 from ..policies import Policy
 from ..theory import TheoryReport, check_theory
 from .config import ProbeConfig
@@ -93,6 +95,7 @@ def run_probe(config: ProbeConfig, *, loaded: LoadedModel | None = None) -> Prob
     loaded = _with_train_length(loaded or _load(config), config.train_length)
     info = loaded.info
     cfg = config.resolved(info.train_length)
+    _check_lengths(loaded, cfg)
     notes: list[str] = []
     if cfg.length <= info.train_length:
         notes.append(
@@ -111,9 +114,18 @@ def run_probe(config: ProbeConfig, *, loaded: LoadedModel | None = None) -> Prob
     )
     policies = cfg.policies()
     resident = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
-    check_memory(info, cfg.length, policies, next(loaded.model.parameters()).device, resident)
+    device = next(loaded.model.parameters()).device
+    for label, lengths in (
+        ("--length", [cfg.length]),
+        ("--passkey-lengths", cfg.passkey_lengths if cfg.passkey else []),
+    ):
+        for length in lengths:  # every forward the run will make must fit, passkey prompts included
+            check_memory(info, length, policies, device, resident, label)
     runnable, skipped = _runnable(policies, info)
     token_nll, diagnoses, theory = _diagnose_and_score(loaded, windows, runnable, cfg)
+    notes += [
+        f"{name}: {note}" for name, diagnosis in diagnoses.items() for note in diagnosis.meta["non_finite"]
+    ]
     perplexity = PerplexityResult(token_nll, info.train_length, cfg.length, cfg.windows, cfg.bucket)
     passkey = _passkey(loaded, runnable, cfg) if cfg.passkey else None
     generation = _generation(loaded, windows, runnable, cfg) if cfg.generation else None
@@ -146,6 +158,21 @@ def _with_train_length(loaded: LoadedModel, train_length: int | None) -> LoadedM
         return loaded
     info = replace(loaded.info, train_length=train_length, train_length_source="user")
     return LoadedModel(loaded.model, loaded.tokenizer, info)
+
+
+def _check_lengths(loaded: LoadedModel, cfg: ProbeConfig) -> None:
+    """Every length the run asks for fits the model's learned position table, if it has one, and every
+    passkey prompt fits its intro, needle and question."""
+    check_positions(loaded.model, cfg.length, "--length")
+    shortest = passkey_minimum_length(loaded.tokenizer) if cfg.passkey else 0
+    for length in cfg.passkey_lengths if cfg.passkey else ():
+        if length < shortest:
+            raise OodlensError(
+                f"--passkey-lengths {length} is too short for the passkey prompt: use at least {shortest}"
+            )
+        check_positions(loaded.model, length, "--passkey-lengths")
+    for milestone in cfg.milestones if cfg.generation else ():
+        check_positions(loaded.model, milestone + cfg.new_tokens, "a milestone plus --new-tokens")
 
 
 def _runnable(policies: list[Policy], info: ModelInfo) -> tuple[list[Policy], dict[str, str]]:
