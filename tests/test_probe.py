@@ -7,6 +7,7 @@ import json
 import matplotlib.image
 import pytest
 
+from oodlens import errors as probe_errors
 from oodlens import probe
 from oodlens.evaluate import budget
 from oodlens.probe import report
@@ -224,3 +225,25 @@ def test_options_are_checked_before_the_model_loads(tmp_path, capsys, monkeypatc
     monkeypatch.setattr(run, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     code, _ = run_cli(tmp_path, "--methods", "vanilla,streaming")
     assert code == 2 and "unknown method 'streaming'" in capsys.readouterr().err
+
+
+def test_model_args_reach_from_pretrained(tmp_path, capsys, monkeypatch):
+    from oodlens.probe import run
+
+    seen = {}
+
+    def fake_load(name, **options):
+        seen.update(options)
+        raise probe_errors.OodlensError("stop here")
+
+    monkeypatch.setattr(run, "load_model", fake_load)
+    code = probe.main(["--model", "org/model", "--model-args", "device_map=auto,revision=v2,trust_remote_code=true",
+                       "--out", str(tmp_path / "out")])  # fmt: skip
+    assert (
+        code == 2
+        and seen["device_map"] == "auto"
+        and seen["revision"] == "v2"
+        and seen["trust_remote_code"] is True
+    )
+    code = probe.main(["--model-args", "device_map", "--out", str(tmp_path / "out")])
+    assert code == 2 and "key=value pairs" in capsys.readouterr().err

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..data import DEFAULT_CORPUS
 from ..errors import OodlensError, check_count
-from ..models import DEFAULT_MODEL, DEVICES, DTYPES
+from ..models import DEFAULT_MODEL, DEVICES, DTYPES, parse_model_args
 from ..policies import POLICIES, Policy, check_method, policy_by_name
 
 
@@ -57,6 +57,12 @@ class ProbeConfig:
     device: str = option("auto", MODEL, f"{' | '.join(DEVICES)} | cuda:N")
     dtype: str = option("auto", MODEL, f"auto | {' | '.join(DTYPES)}")
     train_length: int | None = option(None, MODEL, "pretraining length (default: from the model)")
+    model_args: str = option(
+        "",
+        MODEL,
+        "from_pretrained options as key=value pairs separated by commas (lm-evaluation-harness' --model_args), "
+        "e.g. device_map=auto,revision=main,trust_remote_code=true",
+    )
     n_global: int = option(10, FIX, "starting tokens kept visible by the Λ-shaped methods")
     top_k: int = option(0, FIX, "LM-Infinite's top-k middle tokens per head (0: off)")
     bucket: int | None = option(
@@ -93,6 +99,7 @@ class ProbeConfig:
                 check_count(f"--{name.replace('_', '-')}", getattr(self, name), minimum)
         if self.stream_tokens != 0:
             check_count("--stream-tokens (0 turns streaming off)", self.stream_tokens, minimum=2)
+        parse_model_args(self.model_args)
         if not self.methods:
             raise OodlensError("--methods is empty; name at least one of " + ", ".join(POLICIES))
         for method in self.methods:

@@ -40,7 +40,7 @@ from ..evaluate import (
     truncated_sequence_nll,
 )
 from ..evaluate.budget import check_memory
-from ..models import LoadedModel, ModelInfo, load_model
+from ..models import LoadedModel, ModelInfo, load_model, parse_model_args
 from ..models.anatomy import check_positions
 from ..policies import Policy
 from ..theory import TheoryReport, check_theory
@@ -147,8 +147,9 @@ def run_probe(config: ProbeConfig, *, loaded: LoadedModel | None = None) -> Prob
 
 def _load(config: ProbeConfig) -> LoadedModel:
     log.info("loading %s …", config.model)
+    options = parse_model_args(config.model_args)
     return load_model(
-        config.model, device=config.device, dtype=config.dtype, train_length=config.train_length
+        config.model, device=config.device, dtype=config.dtype, train_length=config.train_length, **options
     )
 
 
