@@ -52,9 +52,12 @@ def run(argv: list[str] | None = None) -> dict[str, Diagnosis]:
         summary = diagnosis.summary()
         theory = check_theory(diagnosis).summary()
         print(
-            f"\n[{label}] max logit within {summary['max_logit_within']:.2f} beyond {summary['max_logit_beyond']:.2f}; "
-            f"last-query max within {summary['last_query_max_within']:.2f} beyond {summary['last_query_max_beyond']:.2f}; "
-            f"entropy late-within {summary['entropy_late_within']:.3f} beyond {summary['entropy_beyond']:.3f} nats; "
+            f"\n[{label}] max logit within {summary['max_logit_within']:.2f} "
+            f"beyond {summary['max_logit_beyond']:.2f}; "
+            f"last-query max within {summary['last_query_max_within']:.2f} "
+            f"beyond {summary['last_query_max_beyond']:.2f}; "
+            f"entropy late-within {summary['entropy_late_within']:.3f} "
+            f"beyond {summary['entropy_beyond']:.3f} nats; "
             f"entropy bound holds: {theory['entropy_bound_holds']}"
         )
     return diagnoses

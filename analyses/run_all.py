@@ -5,7 +5,8 @@ Results come from the cache in figures/cache/ when present; with --recompute eve
 figure scripts run ``--jobs`` at a time (default: 2 where there are at least 2 cores), one thread each: on 2
 cores two 1-thread jobs get as much done as one 2-thread job at a time, or up to 14 % more, depending on
 the machine, and keep both cores busy through each script's single-threaded stretches. The efficiency
-benchmark measures speed, so it runs last and alone, on every core.
+benchmark and the method comparison measure speed, so they run last, alone, on every core (the comparison
+adds about 2 hours from an empty cache).
 
     python analyses/run_all.py            # SmolLM2 → figures/
     python analyses/run_all.py --jobs 1   # one script at a time
@@ -34,8 +35,8 @@ FIGURE_SCRIPTS = (
     "fig1_three_factors",
     "table3_generation",
 )
-TIMED_ALONE = "efficiency"
-SCRIPTS = (*FIGURE_SCRIPTS, TIMED_ALONE)
+TIMED_ALONE = ("efficiency", "compare_methods")  # they report time: one after the other, on every core
+SCRIPTS = (*FIGURE_SCRIPTS, *TIMED_ALONE)
 
 
 def _run_script(name: str, argv: list[str], threads: int | None) -> tuple[str, float, int, str]:
@@ -77,8 +78,9 @@ def main(argv: list[str] | None = None) -> None:
         for job in as_completed(jobs):
             results.append(job.result())
             _report(*results[-1])
-    results.append(_run_script(TIMED_ALONE, rest, None))
-    _report(*results[-1])
+    for name in TIMED_ALONE:
+        results.append(_run_script(name, rest, None))
+        _report(*results[-1])
     failed = [name for name, _, status, _ in results if status != 0]
     print(f"\nall scripts: {time.perf_counter() - started:.0f} s", flush=True)
     if failed:

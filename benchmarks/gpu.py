@@ -3,7 +3,8 @@
 Cases, each timed after a warm-up on the same shapes (CUDA synchronised, peak memory from the allocator):
 
 1. ``one-layer``: one attention layer of Llama-2-7B's shape (32 heads × 128, bf16, a minimal MLP) with
-   ``n_global=10``, window and distance limit 4096; the same shape as the official LM-Infinite kernel's H200 anchors (docs/results.md).
+   ``n_global=10``, window and distance limit 4096; the same shape as the official LM-Infinite kernel's H200
+   anchors (docs/results.md).
 2. ``smollm2``: SmolLM2-135M's shape (30 layers, 9 query / 3 key-value heads, bf16), window 8192, one
    prefill forward from 8k to 128k tokens.
 3. ``llama-2-7b``: Llama-2-7B's shape (bf16), window 4096, prefill at 8k–32k.

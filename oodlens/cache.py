@@ -1,9 +1,9 @@
 """A bounded decoding cache: the starting tokens plus the last window of keys, per layer.
 
 Memory per layer is constant in the generated length: ``n_global + n_local - 1`` keys are kept between steps
-(the next query needs the ``n_local - 1`` keys before it, plus the starting tokens). Keys stay rotated at their
-absolute positions, as transformers stores them; the cache tells the engine where the keys it returned sit
-(:meth:`BoundedCache.key_layout`), so it knows where the starting tokens end and the tail begins.
+(the next query needs the ``n_local - 1`` keys before it, plus the starting tokens). Keys stay rotated at
+their absolute positions, as transformers stores them; the cache tells the engine where the keys it returned
+sit (:meth:`BoundedCache.key_layout`), so it knows where the starting tokens end and the tail begins.
 """
 
 from __future__ import annotations
@@ -77,7 +77,8 @@ class BoundedCache(DynamicCache):
         ]
 
     def key_layout(self, layer_idx: int, key: torch.Tensor) -> KeyLayout | None:
-        """Where the keys ``key`` sit, if this cache's layer ``layer_idx`` returned them by its last update."""
+        """Where the keys ``key`` sit, if this cache's layer ``layer_idx`` returned them by its last
+        update."""
         layer = self.layers[layer_idx] if layer_idx < len(self.layers) else None
         returned = getattr(layer, "returned", None)
         if returned is None or returned[:2] != (key.data_ptr(), tuple(key.shape)):
@@ -93,9 +94,9 @@ def continue_from(prefix: DynamicCache, cache: DynamicCache) -> DynamicCache:
     """Fill the empty ``cache`` with the state of ``prefix`` (a cache after the first tokens of a sequence),
     which stays untouched, so that several methods can each continue one computed prefix.
 
-    A bounded layer takes the prefix's keys as if they had just been appended (it keeps the starting tokens and
-    the last window); every other layer, the model's own sliding-window layers included, gets a copy of the
-    prefix's layer. Both caches must come from the same model config.
+    A bounded layer takes the prefix's keys as if they had just been appended (it keeps the starting tokens
+    and the last window); every other layer, the model's own sliding-window layers included, gets a copy of
+    the prefix's layer. Both caches must come from the same model config.
     """
     if len(cache.layers) != len(prefix.layers):
         raise ValueError(f"a cache of {len(prefix.layers)} layers cannot seed one of {len(cache.layers)}")

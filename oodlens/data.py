@@ -103,8 +103,8 @@ def read_text(path: Path) -> str:
         )
     if replaced:
         warnings.warn(
-            f"oodlens: {str(path)!r} is not all UTF-8: {replaced} characters ({replaced / max(len(text), 1):.2%}) "
-            "were replaced by U+FFFD",
+            f"oodlens: {str(path)!r} is not all UTF-8: {replaced} characters "
+            f"({replaced / max(len(text), 1):.2%}) were replaced by U+FFFD",
             stacklevel=3,
         )
     return text
@@ -197,7 +197,8 @@ def passkey_prompt(tokenizer: Any, length: int, depth: float, seed: int = 0) -> 
     n_blocks = (length - fixed) // len(filler)
     if n_blocks < 1:
         raise OodlensError(
-            f"passkey length {length} is too short: with this tokenizer use at least {passkey_minimum_length(tokenizer)}"
+            f"passkey length {length} is too short: with this tokenizer use at least "
+            f"{passkey_minimum_length(tokenizer)}"
         )
     blocks_before = round(depth * n_blocks)
     before = intro + filler * blocks_before

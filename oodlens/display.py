@@ -31,7 +31,8 @@ def html_card(
 ) -> str:
     """A titled list of the headline numbers, and optionally a small table (``{row: {column: value}}``)."""
     items = "".join(
-        f"<tr><th style='text-align:left'>{html.escape(str(key))}</th><td>{html.escape(format_number(value))}</td></tr>"
+        f"<tr><th style='text-align:left'>{html.escape(str(key))}</th>"
+        f"<td>{html.escape(format_number(value))}</td></tr>"
         for key, value in headline.items()
     )
     parts = [f"<div><b>{html.escape(kind)}</b><table>{items}</table>"]

@@ -10,7 +10,8 @@ class OodlensError(ValueError):
 
 
 def check_count(label: str, value: Any, minimum: int = 1) -> int:
-    """``value`` as an int if it is an integer ≥ ``minimum`` (booleans and fractions refused), else an error."""
+    """``value`` as an int if it is an integer ≥ ``minimum`` (booleans and fractions refused), else an
+    error."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise OodlensError(f"{label} must be an integer ≥ {minimum}, got {value!r}")
     return value

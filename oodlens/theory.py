@@ -215,7 +215,10 @@ def factor_findings(summary: dict[str, Any], length: int, train_length: int) -> 
     findings = []
     within, beyond = number("max_logit_within"), number("max_logit_beyond")
     if math.isnan(beyond):
-        sentence = f"Factor 1 cannot show: no distance reaches the pretraining length ({train_length}) at {length} tokens."
+        sentence = (
+            f"Factor 1 cannot show: no distance reaches the pretraining length ({train_length}) "
+            f"at {length} tokens."
+        )
         findings.append(Finding(1, False, within, beyond, sentence))
     elif beyond > within:
         sentence = (
@@ -226,7 +229,8 @@ def factor_findings(summary: dict[str, Any], length: int, train_length: int) -> 
     else:
         sentence = (
             f"Factor 1 does not show at {length} tokens: the largest logit at unseen distances "
-            f"({format_number(beyond)}) stays below the largest within {train_length} ({format_number(within)}); "
+            f"({format_number(beyond)}) stays below the largest within {train_length} "
+            f"({format_number(within)}); "
             "longer inputs reach farther distances (try --length 2 × L or more)."
         )
         findings.append(Finding(1, False, within, beyond, sentence))
@@ -250,7 +254,8 @@ def factor_findings(summary: dict[str, Any], length: int, train_length: int) -> 
     layer = best_key.removeprefix("probe_layer").split("_")[0] if best_key else "?"
     sink = number("sink_mass_within")
     sentence = (
-        f"Factor 3 {'shows' if shows else 'does not show'}: a linear probe tells the starting tokens from the rest "
+        f"Factor 3 {'shows' if shows else 'does not show'}: "
+        "a linear probe tells the starting tokens from the rest "
         f"with ROC-AUC {format_number(auc)} (layer {layer}), and queries within the pretraining length put "
         f"{format_number(100 * sink)}% of their attention on them."
     )

@@ -19,6 +19,7 @@ EXPECTED = {
     "table2_passkey": ["table2_passkey"],
     "table3_generation": ["table3_generation"],
     "efficiency": ["efficiency"],
+    "compare_methods": ["compare_perplexity_by_position", "compare_repair_map"],
 }
 
 
@@ -62,7 +63,7 @@ def stand_in_scripts(tmp_path, monkeypatch):
     for name, pause, status in (("long", 0.5, 0), ("short", 0.0, 0), ("timed", 0.0, 0), ("broken", 0.0, 3)):
         (tmp_path / f"{name}.py").write_text(body.format(pause=pause, log=str(log), name=name, status=status))
     monkeypatch.setattr(run_all, "HERE", tmp_path)
-    monkeypatch.setattr(run_all, "TIMED_ALONE", "timed")
+    monkeypatch.setattr(run_all, "TIMED_ALONE", ("timed",))
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(run_all.os, "cpu_count", lambda: 2)
     return run_all, log

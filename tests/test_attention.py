@@ -130,7 +130,7 @@ def test_bounded_cache_decoding_equals_full_forward(family_model, chunk):
             for start in range(0, ids.shape[1], chunk)
         ]
     assert (torch.cat(pieces, dim=1) - full).abs().max().item() < TOL
-    for stored, layer in zip(cache.stored_tokens(), cache.layers):
+    for stored, layer in zip(cache.stored_tokens(), cache.layers, strict=True):
         # head + window - 1 keys for LM-Infinite layers; the model's own sliding layers keep their window
         limit = layer.sliding_window - 1 if layer.is_sliding else 3 + 20 - 1
         assert stored == limit

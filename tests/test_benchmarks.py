@@ -18,3 +18,13 @@ def test_memory_trace_rows(method):
     peaks = [peak for _, _, peak in rows]
     assert peaks == sorted(peaks)
     assert all(current <= peak + 1e-9 for _, current, peak in rows)
+
+
+def test_decode_speed_prints_every_case_and_the_goals(capsys):
+    from decode_speed import main
+
+    main(["--model", "tiny:llama", "--contexts", "128,256", "--steps", "2", "--repeats", "1"])
+    printed = capsys.readouterr().out
+    for method in ("vanilla", "vanilla-static", "lm-infinite", "streaming-llm", "self-extend"):
+        assert sum(line.split()[0] == method for line in printed.splitlines() if line.strip()) == 2
+    assert "LM-Infinite ms/token from 128 to 256" in printed and "goal ≥ 2.7× vanilla at 256" in printed

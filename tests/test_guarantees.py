@@ -1,5 +1,5 @@
-"""What oodlens guarantees (docs/guarantees.md): nothing of the user's is lost, bad numbers are caught, and bad
-input is refused in one line before the work. Each test reproduces a way this once went wrong."""
+"""What oodlens guarantees (docs/guarantees.md): nothing of the user's is lost, bad numbers are caught, and
+bad input is refused in one line before the work. Each test reproduces a way this once went wrong."""
 
 from __future__ import annotations
 

@@ -346,7 +346,8 @@ def test_hub_id_fails_fast_when_offline(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def _hub_cache_with_tiny_llama(cache: Path) -> str:
-    """A Hugging Face hub cache holding one model, ``oodlens-test/tiny-llama``, as the hub would lay it out."""
+    """A Hugging Face hub cache holding one model, ``oodlens-test/tiny-llama``, as the hub would lay it
+    out."""
     tiny = tiny_model("llama")
     snapshot = cache / "models--oodlens-test--tiny-llama" / "snapshots" / "0123abcd"
     tiny.model.save_pretrained(snapshot)

@@ -47,6 +47,7 @@ TINY_PARAMETERS = {
     "PASSKEY_LENGTHS": [384],
     "PASSKEY_DEPTHS": [0.5],
     "PASSKEY_SAMPLES": 1,
+    "WITHIN_LENGTH": 340,  # vanilla's passkey reference (notebook 04): the shortest prompt that fits
 }
 
 

@@ -550,3 +550,25 @@ def test_missing_column_is_named(plot, make, column):
 def test_empty_frame_is_refused():
     with pytest.raises(OodlensError, match="no rows"):
         plotting.plot_perplexity_by_position(perplexity_frame().iloc[:0])
+
+
+def test_repair_map_colours_the_distance_from_one_either_way():
+    frame = pd.DataFrame(
+        {
+            "method": ["vanilla", "vanilla", "lm-infinite", "lm-infinite"],
+            "quantity": ["factor 1: logits", "retrieval", "factor 1: logits", "retrieval"],
+            "ratio": [8.0, float("nan"), 0.125, 1.0],
+            "label": [None, "0/4", None, "4/4"],
+        }
+    )
+    fig = plotting.plot_repair_map(frame)
+    ax = fig.axes[0]
+    shades = ax.images[0].get_array()
+    # rows in the standard method order (vanilla first), columns in order of appearance
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["vanilla", "lm-infinite"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["factor 1\nlogits", "retrieval"]
+    assert shades[0, 0] == pytest.approx(np.log(8)) and shades[1, 0] == pytest.approx(np.log(8))  # 8× ≡ 1/8
+    assert shades[1, 1] == 0 and np.ma.is_masked(shades[0, 1])  # 1× is white; a missing ratio is hatched
+    texts = sorted(t.get_text() for t in ax.texts)
+    assert texts == ["0.125×", "0/4", "4/4", "8×"]
+    plt.close(fig)

@@ -237,8 +237,16 @@ def test_model_args_reach_from_pretrained(tmp_path, capsys, monkeypatch):
         raise probe_errors.OodlensError("stop here")
 
     monkeypatch.setattr(run, "load_model", fake_load)
-    code = probe.main(["--model", "org/model", "--model-args", "device_map=auto,revision=v2,trust_remote_code=true",
-                       "--out", str(tmp_path / "out")])  # fmt: skip
+    code = probe.main(
+        [
+            "--model",
+            "org/model",
+            "--model-args",
+            "device_map=auto,revision=v2,trust_remote_code=true",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     assert (
         code == 2
         and seen["device_map"] == "auto"

@@ -9,11 +9,11 @@ A band plan (every method but DCA) splits the keys of a block of queries ``[i_fi
     far, all rows           far keys ≤ i_first - W             no mask, query and keys moved
     far, trailing triangle  far keys in (i_first - W, i_last - W]  small mask, moved
 
-Far keys are the first ``n_global`` keys (every key for the distance limit, Self-Extend, ReRoPE, STRING), moved
-to the plan's key position map; the queries of a far segment are moved to its query position map. A chunk
-plan (DCA) cuts query blocks at chunk boundaries and splits keys into the own chunk (true positions), the
-previous chunk and the older ones (moved). Observers' sampled logit rows and sink mass are computed from the
-same segments, so they are exactly the logits the model used."""
+Far keys are the first ``n_global`` keys (every key for the distance limit, Self-Extend, ReRoPE, STRING),
+moved to the plan's key position map; the queries of a far segment are moved to its query position map. A
+chunk plan (DCA) cuts query blocks at chunk boundaries and splits keys into the own chunk (true positions),
+the previous chunk and the older ones (moved). Observers' sampled logit rows and sink mass are computed from
+the same segments, so they are exactly the logits the model used."""
 
 from __future__ import annotations
 
@@ -256,7 +256,8 @@ def _segment_logits(
     seg: Segment, rows: torch.Tensor, keys: slice, scale: float, softcap: float | None
 ) -> torch.Tensor:
     """Float32 logits ``[B, H, len(rows), keys]`` of the segment's rows ``rows`` (block indices inside
-    ``seg.rows``) against its keys ``keys`` (a part of ``seg.key_index``), ``-inf`` where its mask hides a key.
+    ``seg.rows``) against its keys ``keys`` (a part of ``seg.key_index``), ``-inf`` where its mask hides a
+    key.
     """
     local = rows - seg.rows.start
     begin = keys.start - seg.key_index.start

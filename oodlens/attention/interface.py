@@ -54,7 +54,8 @@ def binding_of(module: nn.Module) -> Binding | None:
 
 
 def _key_positions(key: torch.Tensor, total: int, binding: Binding | None, layer_idx: int) -> torch.Tensor:
-    """Absolute positions ``[K]`` of the keys, for full, sliding (tail only) and bounded (head + tail) caches."""
+    """Absolute positions ``[K]`` of the keys, for full, sliding (tail only) and bounded (head + tail)
+    caches."""
     n_keys = key.shape[-2]
     layout = None
     if binding is not None:
@@ -76,7 +77,8 @@ def _key_positions(key: torch.Tensor, total: int, binding: Binding | None, layer
 
 
 def _layer_plan(binding: Binding | None, sliding_window: int | None) -> LayerPlan:
-    """The model's own sliding-window layers keep their trained behaviour; the policy applies to full layers."""
+    """The model's own sliding-window layers keep their trained behaviour; the policy applies to full
+    layers."""
     plan = binding.plan if binding is not None else LayerPlan()
     if sliding_window is not None:
         return LayerPlan(window=sliding_window, rotary=plan.rotary)
@@ -158,7 +160,8 @@ def oodlens_attention(
     position_ids: torch.Tensor | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """Attention through the bound policy and observer (see the package docstring); ``([B, Q, Hq, D], None)``."""
+    """Attention through the bound policy and observer (see the package docstring);
+    ``([B, Q, Hq, D], None)``."""
     _refuse_unsupported(module, dropout, kwargs)
     binding = binding_of(module)
     layer_idx = getattr(module, "layer_idx", 0) or 0

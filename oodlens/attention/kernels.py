@@ -38,7 +38,8 @@ class Segment:
 
 @dataclass
 class Partial:
-    """Result of one segment for its rows: ``out [B,H,R,D]``, ``lse [B,H,R]``, ``mean_logit [B,H,R]`` (float32)."""
+    """Result of one segment for its rows: ``out [B,H,R,D]``, ``lse [B,H,R]``, ``mean_logit [B,H,R]``
+    (float32)."""
 
     out: torch.Tensor
     lse: torch.Tensor
@@ -82,7 +83,8 @@ def _segment_math(seg: Segment, scale: float, softcap: float | None, want_mean: 
 
 
 def _float_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Additive mask; its rows are padded to a multiple of 16 (then sliced) as CUDA's kernel needs aligned rows."""
+    """Additive mask; its rows are padded to a multiple of 16 (then sliced) as CUDA's kernel needs aligned
+    rows."""
     rows, cols = mask.shape
     aligned = torch.zeros(rows, -(-cols // 16) * 16, dtype=dtype, device=mask.device)
     return aligned[:, :cols].masked_fill_(~mask, NEG_INF)

@@ -17,8 +17,8 @@ class PositionMap:
     """Where a query or key at true position ``x`` is rotated: ``min(cap, scale · ⌊(x mod modulo) / group⌋ +
     offset)`` (``modulo`` and ``cap`` off when None). Every method's rule is a few of these (docs/methods.md):
     LM-Infinite's far keys sit at 0 and its queries at L (``scale=0``), Self-Extend groups positions by G,
-    Leaky ReRoPE scales them by 1/k, StreamingLLM caps the query at S + R − 1, DCA takes keys modulo the chunk.
-    Positions may be fractional."""
+    Leaky ReRoPE scales them by 1/k, StreamingLLM caps the query at S + R − 1, DCA takes keys modulo the
+    chunk. Positions may be fractional."""
 
     scale: float = 1.0
     offset: float = 0.0
@@ -54,8 +54,9 @@ class QueryScale:
     """A factor on each query's logits (its vector is multiplied by it, before any soft-cap).
 
     ``constant`` always; times ``max(1, ln(i + 1) / ln(log_base))`` for the query at true position ``i`` when
-    ``log_base`` is set (ReRoPE, Self-Extend's option); times ``(length_coefficient · ln(n / train_length) + 1)²``
-    when the call holds ``n > train_length`` tokens (DCA)."""
+    ``log_base`` is set (ReRoPE, Self-Extend's option); times
+    ``(length_coefficient · ln(n / train_length) + 1)²`` when the call holds ``n > train_length`` tokens
+    (DCA)."""
 
     constant: float = 1.0
     log_base: float | None = None
@@ -169,7 +170,8 @@ class AttentionObserver(Protocol):
 
 @dataclass(frozen=True)
 class KeyLayout:
-    """Keys ``[0, n_global)`` are the first tokens; the rest are the contiguous tail ending at ``total - 1``."""
+    """Keys ``[0, n_global)`` are the first tokens; the rest are the contiguous tail ending at
+    ``total - 1``."""
 
     n_global: int
     total: int

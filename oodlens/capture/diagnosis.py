@@ -170,9 +170,10 @@ class Diagnosis(Displayed):
     def save(self, path: str | os.PathLike, overwrite: bool = True) -> Path:
         """Write a folder: one Parquet file per table, ``hidden_samples.npz``, ``diagnosis.json``.
 
-        Written to a staging folder beside ``path`` and swapped into place (:func:`oodlens.storage.write_folder`),
-        so a reader never sees a half-written diagnosis. An earlier diagnosis at ``path`` is replaced (unless
-        ``overwrite=False``); a file, or a folder oodlens did not write, is never replaced.
+        Written to a staging folder beside ``path`` and swapped into place
+        (:func:`oodlens.storage.write_folder`), so a reader never sees a half-written diagnosis. An earlier
+        diagnosis at ``path`` is replaced (unless ``overwrite=False``); a file, or a folder oodlens did not
+        write, is never replaced.
         """
 
         def fill(staging: Path) -> None:

@@ -117,20 +117,23 @@ class CaptureSession:
             check_positions(self.model, ids.shape[-1])
 
     def fix_length(self, length: int) -> None:
-        """Fix the bins for windows of up to ``length`` tokens (else the first forward's length fixes them)."""
+        """Fix the bins for windows of up to ``length`` tokens (else the first forward's length fixes
+        them)."""
         self.geometry = resolve_geometry(self.config, length, self.train_length)
         self.logits.begin(self.geometry)
         self.hidden.begin(self.geometry)
 
     def _begin_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Fix the geometry at the first forward; count windows; refuse a longer window than the bins cover."""
+        """Fix the geometry at the first forward; count windows; refuse a longer window than the bins
+        cover."""
         batch, length = _sequence_shape(args, kwargs)
         if self.geometry is None:
             self.fix_length(length)
         elif length > self.geometry.length:
             raise OodlensError(
-                f"capture's bins cover windows of up to {self.geometry.length} tokens, then came a forward of "
-                f"{length}: capture each length separately (decoding steps against a cache are not captured)"
+                f"capture's bins cover windows of up to {self.geometry.length} tokens, "
+                f"then came a forward of {length}: capture each length separately "
+                "(decoding steps against a cache are not captured)"
             )
         self.hidden.begin_forward(self.n_windows)
         self.n_windows += batch

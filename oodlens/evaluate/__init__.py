@@ -1,5 +1,5 @@
-"""Evaluation: perplexity by position, passkey retrieval, generation quality, streaming perplexity, and the
-memory a run needs.
+"""Evaluation: perplexity by position, passkey retrieval, generation quality, streaming perplexity, decoding
+speed after a long context, the memory a run needs, and every method compared by what it repairs.
 
 Every evaluation takes :class:`~oodlens.policies.Policy` objects (``policy.name`` labels the rows), applies
 each with :func:`~oodlens.policies.apply_policy` (which restores the model afterwards), runs under
@@ -8,6 +8,7 @@ JSON-ready dict). See :mod:`.scoring` for how tokens are scored.
 """
 
 from .budget import estimate_forward_memory, longest_length_within
+from .comparison import MethodComparison, compare_methods
 from .generation import (
     GenerationResult,
     PasskeyResult,
@@ -20,19 +21,24 @@ from .generation import (
 )
 from .perplexity import DEFAULT_BUCKET, PerplexityResult, perplexity_by_position
 from .scoring import DEFAULT_CHUNK, TRUNCATED_BASELINE, cache_kwargs, sequence_nll, truncated_sequence_nll
+from .speed import DecodeSpeedResult, decode_speed
 from .streaming import StreamingResult, cycle_tokens, streaming_perplexity
 
 __all__ = [
     "DEFAULT_BUCKET",
     "DEFAULT_CHUNK",
+    "DecodeSpeedResult",
     "TRUNCATED_BASELINE",
     "GenerationResult",
+    "MethodComparison",
     "PasskeyResult",
     "PerplexityResult",
     "StreamingResult",
     "cache_kwargs",
+    "compare_methods",
     "continuation_scores",
     "cycle_tokens",
+    "decode_speed",
     "generate_greedy",
     "estimate_forward_memory",
     "generation_quality",

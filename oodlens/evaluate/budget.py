@@ -108,7 +108,8 @@ def check_memory(
     """Refuse a run that would not fit, saying which length would.
 
     Args:
-        resident_bytes: memory the loaded model already holds (counted in the estimate, gone from "available").
+        resident_bytes: memory the loaded model already holds (counted in the estimate, gone from
+            "available").
     """
     available = available_memory(device)
     if available is None:

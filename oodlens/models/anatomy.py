@@ -2,8 +2,8 @@
 pretraining length.
 
 A leaf: every other module asks these questions here, so each has one answer. Everything is found from the
-model's structure and config (module names ending in ``Attention``/``RotaryEmbedding``, the ``ModuleList`` that
-holds the attention modules, the family's own ``rotate_half``), never from a list of family names, so new
+model's structure and config (module names ending in ``Attention``/``RotaryEmbedding``, the ``ModuleList``
+that holds the attention modules, the family's own ``rotate_half``), never from a list of family names, so new
 architectures work without new code.
 """
 
@@ -187,8 +187,9 @@ def pretraining_length(config: Any) -> tuple[int, str]:
     if not length or not _length_declared(config):
         shown = f" (transformers would assume its default, {length})" if length else ""
         raise OodlensError(
-            f"the {config.model_type} config file states no max_position_embeddings{shown}, so the pretraining "
-            "length is unknown: pass train_length (--train-length) with the length the model was trained at"
+            f"the {config.model_type} config file states no max_position_embeddings{shown}, "
+            "so the pretraining length is unknown: pass train_length (--train-length) "
+            "with the length the model was trained at"
         )
     quantization = getattr(config, "quantization_config", None) or {}
     if not isinstance(quantization, dict):

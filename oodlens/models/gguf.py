@@ -117,8 +117,8 @@ def _read_gguf(path: Path, device: torch.device, dtype: torch.dtype) -> tuple[Pr
         match = re.search(r"architecture (\S+) is not supported", str(error))
         if match is None:
             raise OodlensError(
-                f"cannot load GGUF file {str(path)!r} ({first_line(error)}): it may be truncated or not a GGUF "
-                "file; download it again or pass another model"
+                f"cannot load GGUF file {str(path)!r} ({first_line(error)}): "
+                "it may be truncated or not a GGUF file; download it again or pass another model"
             ) from error
         raise OodlensError(
             f"GGUF architecture {match.group(1)!r} of {str(path)!r} is not supported by transformers: "

@@ -43,7 +43,8 @@ def from_pretrained(
         ):
             raise OodlensError(
                 f"cannot load {label}: transformers {transformers.__version__} does not know model_type "
-                f"{model_type!r}; upgrade transformers, or pass trust_remote_code=True if the model ships its code"
+                f"{model_type!r}; upgrade transformers, "
+                "or pass trust_remote_code=True if the model ships its code"
             )
         tokenizer = AutoTokenizer.from_pretrained(source, **tokenizer_options)
         model = AutoModelForCausalLM.from_pretrained(source, **model_options)
@@ -89,7 +90,10 @@ def load_from_hub(
         )
     except OodlensError:
         pass  # not in the cache (or not whole): fetch it
-    offline_fix = "download it once on a machine online, or pass a local model folder, a .gguf file, 'smollm2' or 'tiny:<family>'"
+    offline_fix = (
+        "download it once on a machine online, or pass a local model folder, a .gguf file, "
+        "'smollm2' or 'tiny:<family>'"
+    )
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in TRUE_STRINGS:
         raise OodlensError(
             f"{name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: {offline_fix}"
@@ -97,8 +101,8 @@ def load_from_hub(
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     if not reachable(endpoint, HUB_CHECK_TIMEOUT_S):
         raise OodlensError(
-            f"{name!r} is not in the local Hugging Face cache and the hub ({endpoint}) is unreachable, so this "
-            f"machine is offline: {offline_fix}"
+            f"{name!r} is not in the local Hugging Face cache and the hub ({endpoint}) is unreachable, "
+            f"so this machine is offline: {offline_fix}"
         )
     return from_pretrained(name, f"{name!r} from the hub", device, dtype, options)
 

@@ -69,8 +69,8 @@ def load_model(
 
 
 def parse_model_args(text: str) -> dict[str, Any]:
-    """``"key=value,key=value"`` (lm-evaluation-harness' ``--model_args``) as from_pretrained options: numbers,
-    true/false and none become Python values, everything else stays a string."""
+    """``"key=value,key=value"`` (lm-evaluation-harness' ``--model_args``) as from_pretrained options:
+    numbers, true/false and none become Python values, everything else stays a string."""
     options: dict[str, Any] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, equals, value = item.partition("=")

@@ -25,6 +25,7 @@ from .evaluation import (
     plot_method_comparison,
     plot_passkey,
     plot_perplexity_by_position,
+    plot_repair_map,
 )
 from .style import (
     LN_N_GID,
@@ -58,6 +59,7 @@ __all__ = [
     "plot_method_comparison",
     "plot_passkey",
     "plot_perplexity_by_position",
+    "plot_repair_map",
     "plot_sink_mass",
     "save_figure",
     "show",

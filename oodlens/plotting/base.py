@@ -216,10 +216,10 @@ def new_axes(
 
     ncols = min(n_panels, ncols or 4)
     nrows = math.ceil(n_panels / ncols)
+    subplots.setdefault("figsize", (PANEL_SIZE[0] * ncols, PANEL_SIZE[1] * nrows))
     fig, axes = plt.subplots(
         nrows,
         ncols,
-        figsize=(PANEL_SIZE[0] * ncols, PANEL_SIZE[1] * nrows),
         layout="constrained",
         squeeze=False,
         **subplots,

@@ -147,24 +147,16 @@ def plot_entropy_by_position(
 
     Reads the entropy-by-position frame (``Diagnosis.entropy_by_position``): layer, head, bin_start, bin_end,
     mean (mean entropy of the bin's queries). The line is the median over heads (and layers unless
-    ``facet=True``), the band their interquartile range; the dashed "ln n (uniform)" curve is the entropy of attending
-    evenly to the n keys a query sees (n = position + 1; at a bin ``[s, e)``, its mean (s + e + 1) / 2).
+    ``facet=True``), the band their interquartile range; the dashed "ln n (uniform)" curve is the entropy of
+    attending evenly to the n keys a query sees (n = position + 1; at a bin ``[s, e)``, its mean
+    (s + e + 1) / 2).
     """
-    runs = run_frames(data, "entropy-by-position", [*BINNED_HEAD_COLUMNS, "mean"], "entropy_by_position")
-    runs["position"] = bin_centres(runs)
-    return stat_panels(
-        runs,
-        "position",
+    return _entropy_frame_panels(
+        data,
         "mean",
-        train_length=train_length,
-        layers=layers,
-        facet=facet,
-        band=band,
-        ax=ax,
-        labels=("query position (tokens)", "attention entropy (nats)"),
-        logx=logx,
+        "attention entropy (nats)",
+        dict(train_length=train_length, layers=layers, facet=facet, band=band, ax=ax, logx=logx),
         extra=_draw_ln_n,
-        ybottom=0,
     )
 
 
@@ -185,21 +177,27 @@ def plot_sink_mass(
     Reads the entropy-by-position frame (``Diagnosis.entropy_by_position``): layer, head, bin_start, bin_end,
     sink_mass.
     """
-    runs = run_frames(data, "entropy-by-position", [*BINNED_HEAD_COLUMNS, "sink_mass"], "entropy_by_position")
-    runs["position"] = bin_centres(runs)
-    return stat_panels(
-        runs,
-        "position",
+    return _entropy_frame_panels(
+        data,
         "sink_mass",
-        train_length=train_length,
-        layers=layers,
-        facet=facet,
-        band=band,
-        ax=ax,
-        labels=("query position (tokens)", "attention on starting tokens"),
-        logx=logx,
-        ybottom=0,
+        "attention on starting tokens",
+        dict(train_length=train_length, layers=layers, facet=facet, band=band, ax=ax, logx=logx),
     )
+
+
+def _entropy_frame_panels(
+    data: Any,
+    column: str,
+    ylabel: str,
+    panel_options: dict[str, Any],
+    extra: Callable[[Axes, pd.DataFrame], None] | None = None,
+) -> Figure:
+    """A column of the entropy-by-position frame against query position (the body of Fig. 1b and the sink
+    plot)."""
+    runs = run_frames(data, "entropy-by-position", [*BINNED_HEAD_COLUMNS, column], "entropy_by_position")
+    runs["position"] = bin_centres(runs)
+    labels = ("query position (tokens)", ylabel)
+    return stat_panels(runs, "position", column, labels=labels, extra=extra, ybottom=0, **panel_options)
 
 
 @styled
@@ -353,9 +351,9 @@ def plot_hidden_pca(
     from ``meta["hidden_layers"]``), or a dict/list of those (one row per run, e.g. before/after). Layers
     (default: at most three of those captured) sit side by side, one row per run; each panel has its own PCA,
     fitted without the states of outlying norm (position 0 and the few other tokens with massive activations,
-    which would otherwise take the first components alone), then projected like every point. Positions below ``n_global`` are drawn large
-    with a black edge; points beyond the view of the fitted ones sit at its edge as crosses. At most
-    ``max_points`` points per panel (a fixed random subset; the first tokens always).
+    which would otherwise take the first components alone), then projected like every point. Positions below
+    ``n_global`` are drawn large with a black edge; points beyond the view of the fitted ones sit at its edge
+    as crosses. At most ``max_points`` points per panel (a fixed random subset; the first tokens always).
     """
     runs = _hidden_runs(samples)
     layers = list(layers) if layers is not None else _default_pca_layers(runs[0][2])

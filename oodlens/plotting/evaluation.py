@@ -63,7 +63,8 @@ def plot_perplexity_by_position(
 
 
 def _spread(names: list[str], x: np.ndarray) -> dict[str, np.ndarray]:
-    """Small horizontal offsets per series (a fraction of the closest x spacing) so error bars do not overlap."""
+    """Small horizontal offsets per series (a fraction of the closest x spacing) so error bars do not
+    overlap."""
     gaps = np.diff(np.unique(x))
     step = 0.12 * (gaps.min() if gaps.size else max(abs(float(x.max())), 1.0)) / max(len(names) - 1, 1)
     centre = (len(names) - 1) / 2
@@ -119,9 +120,9 @@ def plot_method_comparison(
 ) -> Figure:
     """Grouped bars: one group per metric, one bar per method, value labels on the bars.
 
-    Reads any tidy frame with columns method, metric, value, and optionally low/high (an interval, drawn as an
-    error bar); repeated rows are averaged. ``metrics`` picks and orders them. Metrics on different scales read
-    better with ``facet=True``: one panel per metric, titled and labelled by it, each on its own y axis.
+    Reads any tidy frame with columns method, metric, value, and optionally low/high (an interval, drawn as
+    an error bar); repeated rows are averaged. ``metrics`` picks and orders them. Metrics on different scales
+    read better with ``facet=True``: one panel per metric, titled and labelled by it, each on its own y axis.
     """
     runs = run_frames(data, "method-comparison", COMPARISON_COLUMNS)
     metrics = list(metrics) if metrics is not None else list(runs["metric"].unique())
@@ -145,7 +146,8 @@ def plot_method_comparison(
 
 
 def _bars(ax: Axes, frame: pd.DataFrame, names: list[str], *, groups: list[str] | None) -> None:
-    """Bars of ``frame``'s mean value: per method (``groups=None``), or per method within each metric group."""
+    """Bars of ``frame``'s mean value: per method (``groups=None``), or per method within each metric
+    group."""
     table = frame.groupby(["metric", "series"], sort=False).agg(
         value=("value", "mean"), **{c: (c, "mean") for c in ("low", "high") if c in frame}
     )
@@ -234,4 +236,62 @@ def plot_efficiency(data: Any, train_length: int | None = None) -> Figure:
         finish_axes(ax, "sequence length (tokens)", label, ybottom=0)
         ax.set_xticks(lengths)
     figure_legend(fig, [time_ax, memory_ax])
+    return fig
+
+
+REPAIR_COLUMNS = ["method", "quantity", "ratio"]
+REPAIR_SCALE = 8.0  # a ratio this far from 1 (either way) takes the darkest colour
+
+
+@styled
+def plot_repair_map(data: Any) -> Figure:
+    """What each method repairs: methods × quantities, each cell the method's value beyond the pretraining
+    length relative to vanilla's in-distribution value (1 = as in training).
+
+    Reads a tidy frame: method, quantity, ratio, and optionally ``label`` (the text written in the cell,
+    default the ratio as ``1.03×``). Colour is the distance from 1 on a log scale, the same for a ratio and
+    its inverse (0.5× and 2× alike), darkest at :data:`REPAIR_SCALE`× or beyond; a missing ratio (NaN) is a
+    hatched cell. Rows keep the methods' standard order, columns the order of first appearance.
+    """
+    import matplotlib as mpl
+
+    frame = as_frame(data, "repair map", REPAIR_COLUMNS, "to_dataframe")
+    methods = sorted(frame["method"].unique(), key=method_rank)
+    quantities = list(dict.fromkeys(frame["quantity"]))
+    table = frame.pivot_table(
+        index="method", columns="quantity", values="ratio", aggfunc="first", dropna=False
+    )
+    table = table.reindex(index=methods, columns=quantities).astype(float)
+    labels = frame.set_index(["method", "quantity"])["label"] if "label" in frame else None
+    with np.errstate(divide="ignore", invalid="ignore"):
+        distance = np.abs(np.log(table.to_numpy()))
+    fig, (ax,) = new_axes(None, figsize=(1.1 * len(quantities) + 1.8, 0.38 * len(methods) + 1.1))
+    cmap = mpl.colormaps["Reds"]
+    shown = np.ma.masked_invalid(np.where(np.isnan(table.to_numpy()), np.nan, distance))
+    ax.imshow(shown, cmap=cmap, vmin=0, vmax=np.log(REPAIR_SCALE), aspect="auto")
+    for row, method in enumerate(methods):
+        for col, quantity in enumerate(quantities):
+            ratio = table.iloc[row, col]
+            if np.isnan(ratio):
+                hatch = mpl.patches.Rectangle(
+                    (col - 0.5, row - 0.5), 1, 1, fill=False, hatch="//", ec="0.8", lw=0
+                )
+                ax.add_patch(hatch)
+            text = f"{format_number(ratio)}×" if not np.isnan(ratio) else "n/a"
+            if labels is not None and isinstance(labels.get((method, quantity)), str):
+                text = labels[method, quantity]
+            dark = not np.isnan(ratio) and min(distance[row, col], np.log(REPAIR_SCALE)) > 0.6 * np.log(
+                REPAIR_SCALE
+            )
+            ax.text(col, row, text, ha="center", va="center", fontsize=8, color="white" if dark else "black")
+    ax.set_xticks(range(len(quantities)), [quantity.replace(": ", "\n") for quantity in quantities])
+    ax.set_yticks(range(len(methods)), methods)
+    ax.tick_params(length=0)
+    ax.xaxis.tick_top()
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    colorbar = fig.colorbar(mpl.cm.ScalarMappable(mpl.colors.Normalize(0, np.log(REPAIR_SCALE)), cmap), ax=ax)
+    ticks = [1, 2, 4, REPAIR_SCALE]
+    colorbar.set_ticks(np.log(ticks), labels=[f"{t:g}× (or 1/{t:g})" if t > 1 else "1×" for t in ticks])
+    colorbar.set_label("distance from in-distribution")
     return fig

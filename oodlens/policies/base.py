@@ -2,10 +2,10 @@
 positions the query and each key are rotated, and the one answer to "can this policy decode with a bounded
 cache".
 
-Every method is a :class:`Policy` made by a function of its own (``lm_infinite()``, ``streaming_llm()``, …) that
-records the method's settings, some of which default from the model's pretraining length L; :meth:`Policy.resolve`
-turns them into the general fields (band, far keys, position maps, query scale, chunks, RoPE parameters) with
-the rule the method's module registered in :data:`RESOLVERS`."""
+Every method is a :class:`Policy` made by a function of its own (``lm_infinite()``, ``streaming_llm()``, …)
+that records the method's settings, some of which default from the model's pretraining length L;
+:meth:`Policy.resolve` turns them into the general fields (band, far keys, position maps, query scale, chunks,
+RoPE parameters) with the rule the method's module registered in :data:`RESOLVERS`."""
 
 from __future__ import annotations
 
@@ -120,7 +120,8 @@ class Policy:
         return prefix
 
     def cache_plan(self, train_length: int) -> CachePlan:
-        """Whether this policy decodes in constant memory, and with which bounded cache (see :class:`CachePlan`).
+        """Whether this policy decodes in constant memory, and with which bounded cache (see
+        :class:`CachePlan`).
 
         Bounded: a window with only the first ``n_global`` tokens visible beyond it (a plain window, the Λ
         mask, LM-Infinite, StreamingLLM). Unbounded: no window (vanilla, RoPE rescaling), every key visible
@@ -184,7 +185,8 @@ def settings_of(**values: Any) -> Settings:
 
 
 def tokens(label: str, value: Any, *, upto: int | None = None, what: str = "the pretraining length") -> int:
-    """``value`` if it is a whole number of tokens ≥ 1 (and ≤ ``upto``), else a one-line error naming the fix."""
+    """``value`` if it is a whole number of tokens ≥ 1 (and ≤ ``upto``), else a one-line error naming the
+    fix."""
     check_count(label, value, minimum=1)
     if upto is not None and value > upto:
         raise OodlensError(f"{label} {value} exceeds {what} ({upto}): use at most {upto}")

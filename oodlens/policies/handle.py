@@ -160,7 +160,8 @@ def apply_lm_infinite(
     top_k_from_layer: int = 4,
     train_length: int | None = None,
 ) -> PolicyHandle:
-    """Apply LM-Infinite to ``model`` in place; ``n_local`` and ``distance_limit`` default to the training length.
+    """Apply LM-Infinite to ``model`` in place; ``n_local`` and ``distance_limit`` default to the training
+    length.
 
     Example::
 

@@ -11,8 +11,8 @@ distance-limit     all j ≤ i                             min(i − j, L)  (ReR
 lm-infinite        j < G or i − j < W                    i − j locally, L for far starting keys
 =================  ====================================  =====================================
 
-W (``n_local``) defaults to the pretraining length and L (``distance_limit``) to W, as the paper sets both; G is
-``n_global`` (the paper: anything in 5–100 works alike, 10 by default). A limit beyond W or beyond the
+W (``n_local``) defaults to the pretraining length and L (``distance_limit``) to W, as the paper sets both; G
+is ``n_global`` (the paper: anything in 5–100 works alike, 10 by default). A limit beyond W or beyond the
 pretraining length is refused: it would show the model distances it never saw.
 """
 
@@ -36,8 +36,9 @@ def _band(settings: dict[str, Any], train_length: int) -> dict[str, Any]:
         limit = tokens("distance_limit", or_length(settings.get("distance_limit"), window), upto=train_length)
         if limit > window:
             raise OodlensError(
-                f"distance_limit {limit} exceeds the window {window}: keys just beyond the window would be seen "
-                "farther than keys inside it; use a limit of at most the window"
+                f"distance_limit {limit} exceeds the window {window}: "
+                "keys just beyond the window would be seen farther than keys inside it; "
+                "use a limit of at most the window"
             )
     top_k = check_count("top_k", settings.get("top_k", 0), minimum=0)
     if top_k and limit is None:

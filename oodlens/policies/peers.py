@@ -1,5 +1,5 @@
-"""The training-free peers of LM-Infinite, each the rule of its own public code (docs/methods.md cites the file
-and function of every one), with its authors' defaults as a function of the pretraining length L.
+"""The training-free peers of LM-Infinite, each the rule of its own public code (docs/methods.md cites the
+file and function of every one), with its authors' defaults as a function of the pretraining length L.
 
 ================  =====================================================  ==============================
 method            positions (i query, j key; beyond the near band)        logit factor
@@ -39,8 +39,8 @@ def _streaming_llm(settings: dict[str, Any], train_length: int) -> dict[str, Any
     window = tokens("window", or_length(settings["window"], train_length - n_sink), upto=train_length)
     if n_sink + window > train_length:
         raise OodlensError(
-            f"n_sink + window = {n_sink + window} exceeds the pretraining length {train_length}: the cache would "
-            f"hold positions the model never saw; use window ≤ {train_length - n_sink}"
+            f"n_sink + window = {n_sink + window} exceeds the pretraining length {train_length}: "
+            f"the cache would hold positions the model never saw; use window ≤ {train_length - n_sink}"
         )
     return {"window": window, "n_global": n_sink, "far_query": PositionMap(cap=n_sink + window - 1)}
 
@@ -49,11 +49,11 @@ def self_extend(
     group_size: int = 8, window: int | None = None, log_scale_base: float | None = None
 ) -> Policy:
     """Self-Extend (Jin et al., 2024; datamllab/LongLM ``self_extend_patch/Llama.py``): every key; within the
-    neighbour ``window`` W (``group_size_2``) true distances, beyond it the query at ``⌊i/G⌋ + W − W/G`` and the
-    key at ``⌊j/G⌋`` (fractional when G does not divide W, as the torch path of ``Llama.py``). Defaults: G = 8
-    (the code's), W = L/4 (the README's range for Llama-2, and the code's 1,024 at L = 4,096). Optional query
-    scale ``max(1, ln(i + 1) / ln(log_scale_base))``, off by default as in the code (its docstring suggests
-    L as the base). Reach: inputs up to about ``(L − W)·G + W`` keep every position within L."""
+    neighbour ``window`` W (``group_size_2``) true distances, beyond it the query at ``⌊i/G⌋ + W − W/G`` and
+    the key at ``⌊j/G⌋`` (fractional when G does not divide W, as the torch path of ``Llama.py``). Defaults: G
+    = 8 (the code's), W = L/4 (the README's range for Llama-2, and the code's 1,024 at L = 4,096). Optional
+    query scale ``max(1, ln(i + 1) / ln(log_scale_base))``, off by default as in the code (its docstring
+    suggests L as the base). Reach: inputs up to about ``(L − W)·G + W`` keep every position within L."""
     settings = settings_of(group_size=group_size, window=window, log_scale_base=log_scale_base)
     return Policy("self-extend", "self-extend", settings)
 
@@ -73,9 +73,9 @@ def _self_extend(settings: dict[str, Any], train_length: int) -> dict[str, Any]:
 
 def rerope(window: int | None = None, *, log_scale: bool = True) -> Policy:
     """ReRoPE (Su, 2023; bojone/rerope ``rerope_patch.py``): every key, distances ``min(i − j, window)``
-    (far keys unrotated, the query at ``window``), and the code's log-n query scale ``max(1, ln(i + 1) / ln L)``
-    (``log_scale=False`` leaves it out: that is LM-Infinite's distance limit). Default window: L/8, as in the
-    code (its reported results use L/4)."""
+    (far keys unrotated, the query at ``window``), and the code's log-n query scale
+    ``max(1, ln(i + 1) / ln L)`` (``log_scale=False`` leaves it out: that is LM-Infinite's distance limit).
+    Default window: L/8, as in the code (its reported results use L/4)."""
     return Policy("rerope", "rerope", settings_of(window=window, leak=None, log_scale=log_scale))
 
 
@@ -110,11 +110,11 @@ def string(
     small_local_value: int | None = None,
     attention_factor: float = STRING_ATTENTION_FACTOR,
 ) -> Policy:
-    """STRING (An et al., 2025; HKUNLP/STRING ``string_for_llama.py``): every key; the ``shifted_offset`` S most
-    recent keys at their true distance, the rest shifted to ``i − j − S + small_local_value`` (the query at
-    ``i − S + W``), so the largest, rarely trained distances are dropped. Every logit is multiplied by
-    ``attention_factor²`` (the code scales cos and sin by ``1 + 0.1 ln 2``). Defaults as in the README: S = 0.33 L,
-    W = 128 (at most S / 2, for small models). Meant for inputs within L; its largest distance is
+    """STRING (An et al., 2025; HKUNLP/STRING ``string_for_llama.py``): every key; the ``shifted_offset`` S
+    most recent keys at their true distance, the rest shifted to ``i − j − S + small_local_value`` (the query
+    at ``i − S + W``), so the largest, rarely trained distances are dropped. Every logit is multiplied by
+    ``attention_factor²`` (the code scales cos and sin by ``1 + 0.1 ln 2``). Defaults as in the README: S =
+    0.33 L, W = 128 (at most S / 2, for small models). Meant for inputs within L; its largest distance is
     ``n − 1 − S + W``."""
     settings = settings_of(
         shifted_offset=shifted_offset, small_local_value=small_local_value, attention_factor=attention_factor
@@ -140,11 +140,11 @@ def dual_chunk(
     chunk_size: int | None = None, local_window: int | None = None, *, scale_logits: bool = True
 ) -> Policy:
     """Dual chunk attention (An et al., 2024; HKUNLP/ChunkLlama ``chunkllama_attn_replace.py``): keys sit at
-    ``j mod c`` with chunks of ``c = chunk_size − local_window``; a query sees its own chunk at true distances,
-    the previous chunk from ``min(i mod c + c, chunk_size)`` and older chunks from ``min(2c − 1, chunk_size)``,
-    so no distance exceeds ``chunk_size``. Past L, logits are multiplied by ``(0.05 ln(n / L) + 1)²`` for a call
-    over n tokens (``scale_logits=False`` leaves it out). Defaults as ``replace_with_chunkllama``:
-    chunk_size ⌊3L/4⌋, local_window ⌊L/8⌋."""
+    ``j mod c`` with chunks of ``c = chunk_size − local_window``; a query sees its own chunk at true
+    distances, the previous chunk from ``min(i mod c + c, chunk_size)`` and older chunks from
+    ``min(2c − 1, chunk_size)``, so no distance exceeds ``chunk_size``. Past L, logits are multiplied by
+    ``(0.05 ln(n / L) + 1)²`` for a call over n tokens (``scale_logits=False`` leaves it out). Defaults as
+    ``replace_with_chunkllama``: chunk_size ⌊3L/4⌋, local_window ⌊L/8⌋."""
     settings = settings_of(chunk_size=chunk_size, local_window=local_window, scale_logits=scale_logits)
     return Policy("dual-chunk", "dual-chunk", settings)
 

@@ -28,11 +28,11 @@ def rope_scaling(
     **parameters: Any,
 ) -> Policy:
     """RoPE rescaled by transformers' ``rope_type`` with ``factor`` (default ``target_length / L``, as PI,
-    YaRN and NTK set it: the length to reach over the pretraining length; 2 without a target length). ``parameters`` go into
-    ``rope_parameters`` too (YaRN's ``beta_fast``/``beta_slow``, llama3's ``low_freq_factor``/
-    ``high_freq_factor``, LongRoPE's ``short_factor``/``long_factor``); ``original_max_position_embeddings``
-    defaults to L. PI without fine-tuning is expected to lose quality (its paper fine-tunes): that is a
-    result, not a bug."""
+    YaRN and NTK set it: the length to reach over the pretraining length; 2 without a target length).
+    ``parameters`` go into ``rope_parameters`` too (YaRN's ``beta_fast``/``beta_slow``, llama3's
+    ``low_freq_factor``/ ``high_freq_factor``, LongRoPE's ``short_factor``/``long_factor``);
+    ``original_max_position_embeddings`` defaults to L. PI without fine-tuning is expected to lose quality
+    (its paper fine-tunes): that is a result, not a bug."""
     if rope_type not in ROPE_TYPES:
         raise OodlensError(f"unknown rope_type {rope_type!r}: choose from {', '.join(ROPE_TYPES)}")
     name = {"linear": "pi", "dynamic": "ntk", "llama3": "llama3-rope"}.get(rope_type, rope_type)

@@ -144,7 +144,8 @@ def parse_args(argv: list[str] | None) -> tuple[ProbeConfig, argparse.Namespace]
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the probe from the command line; returns the exit code (2 for a user mistake, 130 if interrupted)."""
+    """Run the probe from the command line; returns the exit code (2 for a user mistake, 130 if
+    interrupted)."""
     try:
         config, args = parse_args(argv)
         _show_progress_messages(

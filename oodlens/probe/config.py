@@ -60,8 +60,8 @@ class ProbeConfig:
     model_args: str = option(
         "",
         MODEL,
-        "from_pretrained options as key=value pairs separated by commas (lm-evaluation-harness' --model_args), "
-        "e.g. device_map=auto,revision=main,trust_remote_code=true",
+        "from_pretrained options as key=value pairs separated by commas "
+        "(lm-evaluation-harness' --model_args), e.g. device_map=auto,revision=main,trust_remote_code=true",
     )
     n_global: int = option(10, FIX, "starting tokens kept visible by the Λ-shaped methods")
     top_k: int = option(0, FIX, "LM-Infinite's top-k middle tokens per head (0: off)")

@@ -159,25 +159,26 @@ def figure_captions(result: ProbeResult) -> dict[str, str]:
         return "; ".join(f"{method}: {describe(found[factor])}" for method, found in findings.items())
 
     captions = {
-        "logits_by_distance": "Factor 1 — the largest attention logit up to each query–key distance (median over "
-        "heads, band: interquartile range). Largest logit beyond L vs within: "
+        "logits_by_distance": "Factor 1 — the largest attention logit up to each query–key distance "
+        "(median over heads, band: interquartile range). Largest logit beyond L vs within: "
         + per_method(1, lambda f: f"{format_number(f.beyond)} vs {format_number(f.within)}")
         + ".",
         "max_logit_by_position": "Largest attention logit of each sampled query against its position.",
-        "entropy_by_position": "Factor 2 — attention entropy against query position, with the ln n entropy of "
-        "attending evenly. Mean entropy beyond L vs the second half of L: "
+        "entropy_by_position": "Factor 2 — attention entropy against query position, with the ln n entropy "
+        "of attending evenly. Mean entropy beyond L vs the second half of L: "
         + per_method(2, lambda f: f"{format_number(f.beyond)} vs {format_number(f.within)} nats")
         + ".",
         "sink_mass": "Attention mass on the starting tokens against query position. Within L: "
         + per_method(3, lambda f: format_number(f.within))
         + ".",
-        "hidden_pca": "Factor 3 — PCA of hidden states coloured by position, starting tokens drawn large. Best "
-        "ROC-AUC of a linear probe telling them from the rest: "
+        "hidden_pca": "Factor 3 — PCA of hidden states coloured by position, starting tokens drawn large. "
+        "Best ROC-AUC of a linear probe telling them from the rest: "
         + per_method(3, lambda f: format_number(f.beyond))
         + ".",
         "hidden_norm": "Hidden-state norm and cosine similarity to the mean of later positions, by position.",
-        "perplexity_by_position": "Perplexity by position (log scale) for every method and the content-matched "
-        "baseline whose context is truncated to the pretraining length. " + _perplexity_sentence(result),
+        "perplexity_by_position": "Perplexity by position (log scale) for every method and the "
+        "content-matched baseline whose context is truncated to the pretraining length. "
+        + _perplexity_sentence(result),
         "method_comparison": "Headline numbers per method.",
     }
     if result.passkey is not None:
@@ -204,8 +205,9 @@ def figure_captions(result: ProbeResult) -> dict[str, str]:
     if result.streaming is not None:
         stream = result.streaming
         captions["streaming_perplexity"] = (
-            f"Streaming perplexity of {stream.method} through its bounded cache over {stream.n_tokens:,} tokens: "
-            f"{format_number(stream.ppl())} overall, at most {stream.peak_cache_tokens:,} keys held per layer."
+            f"Streaming perplexity of {stream.method} through its bounded cache over "
+            f"{stream.n_tokens:,} tokens: {format_number(stream.ppl())} overall, "
+            f"at most {stream.peak_cache_tokens:,} keys held per layer."
         )
     return captions
 
@@ -256,9 +258,12 @@ def render_markdown(result: ProbeResult, summary: dict, figures: list[Path], roo
             or "–"
         )
         lines.append(
-            f"| {method} | {format_number(block.get('ppl_within_train_length'))} | {format_number(block.get('ppl_beyond_train_length'))} "
-            f"| {format_number(diagnosis.get('max_logit_within'))} | {format_number(diagnosis.get('max_logit_beyond'))} "
-            f"| {format_number(diagnosis.get('entropy_within'))} | {format_number(diagnosis.get('entropy_beyond'))} "
+            f"| {method} | {format_number(block.get('ppl_within_train_length'))} "
+            f"| {format_number(block.get('ppl_beyond_train_length'))} "
+            f"| {format_number(diagnosis.get('max_logit_within'))} "
+            f"| {format_number(diagnosis.get('max_logit_beyond'))} "
+            f"| {format_number(diagnosis.get('entropy_within'))} "
+            f"| {format_number(diagnosis.get('entropy_beyond'))} "
             f"| {passkey} | {generation} |"
         )
     if summary.get("warnings"):

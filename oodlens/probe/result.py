@@ -145,7 +145,8 @@ def verdict(result: ProbeResult) -> str:
             ratio = beyond / reference if reference and math.isfinite(reference) else math.nan
             held = ratio <= 1.10
             sentence += (
-                f", {format_number(ratio)}× the content-matched baseline with truncated context ({format_number(reference)}): "
+                f", {format_number(ratio)}× the content-matched baseline with truncated context "
+                f"({format_number(reference)}): "
                 f"{'the fix held' if held else 'the fix did not fully hold'}"
             )
         parts.append(sentence + ".")
@@ -184,7 +185,8 @@ def _fix_clause(finding: Finding, vanilla: list[Finding] | None) -> str:
     unit = " nats" if finding.factor == 2 else ""
     reference = "largest logit" if finding.factor == 1 else "mean entropy"
     sentence = (
-        f"{reference} beyond L {format_number(finding.beyond)}{unit} vs {format_number(finding.within)} within"
+        f"{reference} beyond L {format_number(finding.beyond)}{unit} "
+        f"vs {format_number(finding.within)} within"
         + ("" if before is None else f" (vanilla {format_number(before.beyond)})")
     )
     if not finding.shows:

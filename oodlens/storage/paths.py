@@ -1,7 +1,7 @@
 """Where storage puts its hidden working files and folders, and how it finds what a killed writer left.
 
-Every temporary name is ``.NAME.TAG-PID-ID`` beside the target ``NAME``: hidden, unique, and carrying the PID of
-the process that made it, so a later writer can tell a live writer's work from a dead one's leftovers."""
+Every temporary name is ``.NAME.TAG-PID-ID`` beside the target ``NAME``: hidden, unique, and carrying the PID
+of the process that made it, so a later writer can tell a live writer's work from a dead one's leftovers."""
 
 from __future__ import annotations
 
