@@ -43,7 +43,8 @@ from .theory import check_theory
 
 __version__ = "0.1.0"
 
-_LAZY_SUBPACKAGES = ("data", "evaluate", "plotting", "probe", "stats", "storage", "tasks")
+_LAZY_SUBPACKAGES = ("compare", "data", "evaluate", "plotting", "probe", "stats", "storage", "tasks")
+_LAZY_FUNCTIONS = {"collect": ".probe.collect"}  # many report folders → one tidy table
 
 
 def __getattr__(name: str) -> Any:
@@ -51,6 +52,8 @@ def __getattr__(name: str) -> Any:
     ``oodlens.data``, …), imported on first access."""
     if name in _LAZY_SUBPACKAGES:
         return importlib.import_module(f".{name}", __name__)
+    if name in _LAZY_FUNCTIONS:
+        return getattr(importlib.import_module(_LAZY_FUNCTIONS[name], __name__), name)
     raise AttributeError(f"module 'oodlens' has no attribute {name!r}")
 
 
@@ -67,6 +70,8 @@ __all__ = [
     "apply_policy",
     "capture",
     "check_theory",
+    "collect",
+    "compare",
     "diagnose",
     "distance_limit",
     "dual_chunk",

@@ -18,6 +18,7 @@ from oodlens.errors import OodlensError
 from oodlens.models import load_model
 from oodlens.policies import apply_policy, distance_limit, lm_infinite, window
 from oodlens.probe import run
+from oodlens.probe.collect import validate_summary
 from oodlens.probe.report import prepare_output
 from oodlens.tiny import byte_tokenizer, tiny_model
 
@@ -92,6 +93,7 @@ def test_an_overflowing_float16_run_is_reported_not_crashed(tmp_path, monkeypatc
     result = run.run_probe(config, loaded=loaded)
     probe.write_report(result, out)
     summary = json.loads((out / "summary.json").read_text())
+    validate_summary(summary, str(out))  # every summary a probe writes follows the schema
     assert any(
         "non-finite values" in note and "float16" in note and "float32" in note
         for note in summary["warnings"]
@@ -170,6 +172,8 @@ def test_policy_lengths_that_would_be_out_of_distribution_are_refused():
         (["--length", "1"], "--length must be an integer ≥ 2"),
         (["--seed", "-1"], "--seed must be an integer ≥ 0"),
         (["--methods", "lm-infinte"], "unknown method 'lm-infinte'"),
+        (["--tasks", "niah_singel"], "unknown task 'niah_singel'"),
+        (["--tasks", "vt,vt"], "names a task twice"),
     ],
 )
 def test_refused_before_the_model_loads(capsys, never_loads, tmp_path, argv, message):

@@ -11,6 +11,7 @@ from oodlens import errors as probe_errors
 from oodlens import probe
 from oodlens.evaluate import budget
 from oodlens.probe import report
+from oodlens.probe.collect import validate_summary
 
 TINY_RUN = ["--length", "400", "--new-tokens", "8", "--no-progress", "--bucket", "64"]
 
@@ -31,6 +32,7 @@ def probe_folder(tmp_path_factory):
 
 def test_summary_schema(probe_folder):
     summary = json.loads((probe_folder / "summary.json").read_text())
+    validate_summary(summary, str(probe_folder))  # every summary a probe writes follows the schema
     for key in ("model", "train_length", "length", "corpus", "versions", "methods", "verdict"):
         assert key in summary
     assert summary["train_length"] == 64 and summary["length"] == 400
@@ -146,6 +148,7 @@ def test_learned_positions_skip_the_fix_but_diagnose(tmp_path):
     )
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
+    validate_summary(summary, str(out))  # every summary a probe writes follows the schema
     assert "rotary" in summary["methods"]["lm-infinite"]["skipped"]
     assert "diagnosis" in summary["methods"]["vanilla"]
 
@@ -155,6 +158,7 @@ def test_length_within_training_warns(tmp_path):
         code, out = run_cli(tmp_path, "--length", "60", "--no-passkey", "--no-generation")
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
+    validate_summary(summary, str(out))  # every summary a probe writes follows the schema
     assert "nothing is out of distribution" in summary["warnings"][0]
 
 
@@ -173,6 +177,7 @@ def test_smollm2_short_probe(tmp_path, smollm2):
     result = probe.run_probe(config, loaded=smollm2)
     folder = report.write_report(result, tmp_path / "smollm2")
     summary = json.loads((folder / "summary.json").read_text())
+    validate_summary(summary, str(folder))  # every summary a probe writes follows the schema
     within = summary["methods"]["vanilla"]["ppl_within_train_length"]
     assert 1.0 < within < 30.0  # real English prose under a real model
     assert summary["methods"]["lm-infinite"]["ppl_beyond_train_length"] is not None

@@ -1,5 +1,6 @@
 """Evaluation: perplexity by position, passkey retrieval, generation quality, streaming perplexity, decoding
-speed after a long context, the memory a run needs, and every method compared by what it repairs.
+speed after a long context, the memory a run needs, RULER-style tasks, and every method compared by what
+it repairs.
 
 Every evaluation takes :class:`~oodlens.policies.Policy` objects (``policy.name`` labels the rows), applies
 each with :func:`~oodlens.policies.apply_policy` (which restores the model afterwards), runs under
@@ -23,10 +24,12 @@ from .perplexity import DEFAULT_BUCKET, PerplexityResult, perplexity_by_position
 from .scoring import DEFAULT_CHUNK, TRUNCATED_BASELINE, cache_kwargs, sequence_nll, truncated_sequence_nll
 from .speed import DecodeSpeedResult, decode_speed
 from .streaming import StreamingResult, cycle_tokens, streaming_perplexity
+from .tasks import DEFAULT_TASKS, TaskResult, task_accuracy
 
 __all__ = [
     "DEFAULT_BUCKET",
     "DEFAULT_CHUNK",
+    "DEFAULT_TASKS",
     "DecodeSpeedResult",
     "TRUNCATED_BASELINE",
     "GenerationResult",
@@ -34,6 +37,7 @@ __all__ = [
     "PasskeyResult",
     "PerplexityResult",
     "StreamingResult",
+    "TaskResult",
     "cache_kwargs",
     "compare_methods",
     "continuation_scores",
@@ -49,5 +53,6 @@ __all__ = [
     "perplexity_by_position",
     "sequence_nll",
     "streaming_perplexity",
+    "task_accuracy",
     "truncated_sequence_nll",
 ]

@@ -19,6 +19,7 @@ from ..display import Displayed
 from ..errors import OodlensError
 from ..models import train_length_of
 from ..policies import Policy, PolicyHandle, apply_policy, vanilla
+from ..stats import Estimate
 from .prefix import SharedPrefix
 from .scoring import (
     Method,
@@ -175,6 +176,15 @@ class PasskeyResult(Displayed):
             summary.setdefault(row.method, {})[str(row.length)] = float(row.accuracy)
         return summary
 
+    def intervals(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """``{method: {str(length): Estimate}}``: accuracy over the length's prompts (its depths and samples)
+        with the 95 % Wilson interval and n, as :meth:`Estimate.to_dict`."""
+        out: dict[str, dict[str, dict[str, Any]]] = {}
+        for row in self.accuracy().itertuples():
+            estimate = Estimate.proportion(int(round(row.accuracy * row.n)), int(row.n))
+            out.setdefault(row.method, {})[str(row.length)] = estimate.to_dict()
+        return out
+
 
 def passkey_retrieval(
     model: PreTrainedModel,
@@ -298,6 +308,17 @@ class GenerationResult(Displayed):
                 "rouge_l": float(row.rouge_l),
             }
         return summary
+
+    def intervals(self) -> dict[str, dict[str, dict[str, dict[str, Any]]]]:
+        """``{method: {str(milestone): {"bleu": Estimate, "rouge_l": Estimate}}}``: the mean over windows with
+        its 95 % bootstrap interval (NaN ends for one window) and n, as :meth:`Estimate.to_dict`."""
+        out: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
+        for (method, milestone), rows in self.to_dataframe().groupby(["method", "milestone"], sort=False):
+            out.setdefault(method, {})[str(milestone)] = {
+                score: Estimate.mean(rows[score].to_numpy(dtype=float)).to_dict()
+                for score in ("bleu", "rouge_l")
+            }
+        return out
 
 
 def generation_quality(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -17,6 +17,7 @@ from ..display import Displayed, format_number, short_repr
 from ..errors import OodlensError
 from ..models import train_length_of
 from ..policies import Policy, apply_policy
+from ..stats import Estimate
 from .prefix import SharedPrefix, continued_nll, shared_length
 from .scoring import (
     DEFAULT_CHUNK,
@@ -35,16 +36,20 @@ DEFAULT_BUCKET = 1024
 
 @dataclass(repr=False)
 class PerplexityResult(Displayed):
-    """Per-position NLL of each method, averaged over windows.
+    """Per-position NLL of each method, averaged over windows, and per window where it was given.
 
     Attributes:
         token_nll: method → ``[length]`` float32 array, mean NLL over windows of the token at each position
-            (NaN at position 0, which nothing predicts).
+            (NaN at position 0, which nothing predicts). Given ``[n_windows, length]`` (one row per window),
+            the rows are kept in ``window_nll`` and averaged here.
         train_length, length, n_windows, bucket: the run's settings.
+        window_nll: method → ``[n_windows, length]``, what the intervals resample (windows are independent
+            samples; the tokens of one window are not).
 
-    ``to_dataframe()`` rows: ``{method, start, end, nll, ppl, n_tokens}`` per bucket ``[start, end)`` of
-    positions; ``nll`` is the mean NLL over the bucket's scored tokens, ``ppl = exp(nll)``, ``n_tokens`` the
-    number of scored tokens (positions × windows).
+    ``to_dataframe()`` rows: ``{method, start, end, nll, ppl, ppl_low, ppl_high, n_tokens, n_windows}`` per
+    bucket ``[start, end)`` of positions; ``nll`` is the mean NLL over the bucket's scored tokens,
+    ``ppl = exp(nll)``, ``ppl_low``/``ppl_high`` its 95 % bootstrap interval over windows (NaN with fewer
+    than 2 windows or without ``window_nll``), ``n_tokens`` the number of scored tokens (positions × windows).
     """
 
     token_nll: dict[str, np.ndarray]
@@ -52,6 +57,21 @@ class PerplexityResult(Displayed):
     length: int
     n_windows: int
     bucket: int
+    window_nll: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        averaged = {}
+        for method, nll in self.token_nll.items():
+            nll = np.asarray(nll, dtype=np.float32)
+            if nll.ndim == 2:
+                if nll.shape[0] != self.n_windows:
+                    raise OodlensError(
+                        f"{method}: {nll.shape[0]} rows of window NLL for {self.n_windows} windows"
+                    )
+                self.window_nll[method] = nll
+                nll = nll.mean(axis=0)
+            averaged[method] = nll
+        self.token_nll = averaged
 
     def headline(self) -> dict[str, Any]:
         return {"windows": f"{self.n_windows} × {self.length} tokens", "train_length": self.train_length}
@@ -80,13 +100,24 @@ class PerplexityResult(Displayed):
         """Perplexity of ``method`` over positions ``[start, end)``."""
         return perplexity_of(self.mean_nll(method, start, end))
 
+    def estimate(self, method: str, start: int = 1, end: int | None = None) -> Estimate:
+        """Perplexity of ``method`` over positions ``[start, end)`` with its 95 % bootstrap interval over
+        windows (NaN ends with fewer than 2 windows or when only the average was given)."""
+        start, end = max(start, 1), self.length if end is None else end
+        windows = self.window_nll.get(method)
+        if windows is None or end <= start:
+            ppl = self.ppl(method, start, end)
+            return Estimate(ppl, math.nan, math.nan, self.n_windows, "bootstrap-windows")
+        return Estimate.perplexity(windows[:, start:end].astype(np.float64).mean(axis=1))
+
     def to_dataframe(self) -> pd.DataFrame:
         rows = []
         for method in self.token_nll:
             for start, end in bucket_ranges(self.length, self.bucket):
-                nll = self.mean_nll(method, start, end)
                 scored = end - max(start, 1)
                 if scored > 0:
+                    estimate = self.estimate(method, start, end)
+                    nll = self.mean_nll(method, start, end)
                     rows.append(
                         dict(
                             method=method,
@@ -94,25 +125,43 @@ class PerplexityResult(Displayed):
                             end=end,
                             nll=nll,
                             ppl=perplexity_of(nll),
+                            ppl_low=estimate.low,
+                            ppl_high=estimate.high,
                             n_tokens=scored * self.n_windows,
+                            n_windows=self.n_windows,
                         )
                     )
-        return pd.DataFrame(rows, columns=["method", "start", "end", "nll", "ppl", "n_tokens"])
+        columns = ["method", "start", "end", "nll", "ppl", "ppl_low", "ppl_high", "n_tokens", "n_windows"]
+        return pd.DataFrame(rows, columns=columns)
 
     def summary(self) -> dict[str, Any]:
-        """``{train_length, length, n_windows, bucket, methods: {method: {buckets: [{start, end, ppl}],
-        ppl_within_train_length, ppl_beyond_train_length}}}``; non-finite perplexities are ``None``."""
+        """``{train_length, length, n_windows, bucket, methods: {method: {buckets: [{start, end, ppl, ppl_low,
+        ppl_high}], ppl_within_train_length, ppl_beyond_train_length, intervals: {ppl_within_train_length,
+        ppl_beyond_train_length}}}}``, each interval an :meth:`Estimate.to_dict` (value, low, high, n
+        windows); non-finite numbers are ``None``."""
         table = self.to_dataframe()
         methods = {}
         for method, rows in table.groupby("method", sort=False):
             within_end = min(self.train_length, self.length)
+            within = self.estimate(method, 1, within_end)
+            beyond = self.estimate(method, self.train_length, self.length)
             methods[method] = {
                 "buckets": [
-                    {"start": int(row.start), "end": int(row.end), "ppl": finite_or_none(row.ppl)}
+                    {
+                        "start": int(row.start),
+                        "end": int(row.end),
+                        "ppl": finite_or_none(row.ppl),
+                        "ppl_low": finite_or_none(row.ppl_low),
+                        "ppl_high": finite_or_none(row.ppl_high),
+                    }
                     for row in rows.itertuples()
                 ],
                 "ppl_within_train_length": finite_or_none(self.ppl(method, 1, within_end)),
                 "ppl_beyond_train_length": finite_or_none(self.ppl(method, self.train_length, self.length)),
+                "intervals": {
+                    "ppl_within_train_length": within.to_dict(),
+                    "ppl_beyond_train_length": beyond.to_dict(),
+                },
             }
         return {
             "train_length": self.train_length,
@@ -157,7 +206,7 @@ def perplexity_by_position(
         raise OodlensError(f"bucket and chunk must be positive, got {bucket} and {chunk}")
     methods = methods_of(policies, truncated_baseline)
     shared = shared_length(methods, train_length, windows.shape[1] - 1) if share_prefix else 0
-    total = {method.name: torch.zeros(windows.shape[1]) for method in methods}
+    per_window: dict[str, list[torch.Tensor]] = {method.name: [] for method in methods}
     with inference(model), progress_bar(len(methods) * len(windows), progress, "window", "perplexity") as bar:
         for ids in windows:
             prefix = SharedPrefix(model, train_length)
@@ -169,9 +218,10 @@ def perplexity_by_position(
             for method in methods:
                 with apply_policy(model, method.policy, train_length=train_length) as handle:
                     if method.truncated:
-                        total[method.name] += truncated_nll(model, ids, train_length, chunk, prefix_nll)
+                        nll = truncated_nll(model, ids, train_length, chunk, prefix_nll)
                     else:
-                        total[method.name] += continued_nll(model, handle, ids, prefix, prefix_nll, chunk)
+                        nll = continued_nll(model, handle, ids, prefix, prefix_nll, chunk)
+                    per_window[method.name].append(nll)
                 bar.update()
-    mean_nll = {name: (summed / len(windows)).numpy() for name, summed in total.items()}
-    return PerplexityResult(mean_nll, train_length, windows.shape[1], len(windows), bucket)
+    window_nll = {name: torch.stack(rows).numpy() for name, rows in per_window.items()}
+    return PerplexityResult(window_nll, train_length, windows.shape[1], len(windows), bucket)

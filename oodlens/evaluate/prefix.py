@@ -55,6 +55,14 @@ class SharedPrefix:
         if length > self.length:
             self.extend(text, length)
 
+    def fork(self) -> SharedPrefix:
+        """A copy that can be extended without changing this one: prompts that share a start (the filler
+        before a needle at one depth) each continue their own copy of it."""
+        copy = SharedPrefix(self.model, self.train_length)
+        copy.ids = self.ids.clone()
+        copy.cache = continue_from(self.cache, DynamicCache(config=self.model.config))
+        return copy
+
     def begins(self, ids: torch.LongTensor) -> bool:
         """Whether ``ids`` starts with this prefix and goes on past it (so there is something to continue)."""
         return 0 < self.length < ids.numel() and torch.equal(ids[: self.length], self.ids)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import difflib
+import hashlib
 import re
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from .info import LoadedModel, model_info
 from .tiny import TINY_FAMILIES, tiny_model
 
 DEFAULT_MODEL = "smollm2"
+FINGERPRINT_BYTES = 1 << 20  # read from each end of every file: a revision in milliseconds, even for 100 GB
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = {
     "float32": torch.float32,
@@ -66,6 +68,33 @@ def load_model(
     model.eval()
     extend_rotary_tables(model)
     return LoadedModel(model, tokenizer, model_info(model, name=name, train_length=train_length))
+
+
+def model_revision(name: str, model: PreTrainedModel) -> str:
+    """Which weights ``name`` loaded, for a report's provenance: a hub model's commit (``hub:<sha>``), a local
+    file's or folder's fingerprint (``fingerprint:<sha256>`` over each file's name, size and first and last
+    MiB: it changes when any file is replaced, without reading gigabytes), or ``random:seed0`` for a tiny
+    model."""
+    if name.startswith("tiny:"):
+        return "random:seed0"
+    commit = getattr(model.config, "_commit_hash", None)
+    path = smollm2_gguf_path() if name == DEFAULT_MODEL else Path(name).expanduser()
+    if not path.exists():
+        return f"hub:{commit}" if commit else "hub:unknown"
+    root, files = (path.parent, [path]) if path.is_file() else (path, sorted(path.rglob("*")))
+    digest = hashlib.sha256()
+    for file in files:
+        relative = file.relative_to(root)
+        if not file.is_file() or (path.is_dir() and any(part.startswith(".") for part in relative.parts)):
+            continue  # caches and editor files are not the model
+        size = file.stat().st_size
+        digest.update(f"{relative}:{size}".encode())
+        with file.open("rb") as handle:
+            digest.update(handle.read(FINGERPRINT_BYTES))
+            if size > FINGERPRINT_BYTES:
+                handle.seek(max(FINGERPRINT_BYTES, size - FINGERPRINT_BYTES))
+                digest.update(handle.read())
+    return f"fingerprint:{digest.hexdigest()[:16]}"
 
 
 def parse_model_args(text: str) -> dict[str, Any]:

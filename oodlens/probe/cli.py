@@ -21,11 +21,12 @@ from typing import Any
 
 from .. import __version__
 from ..errors import OodlensError
+from .collect import resume_state
 from .config import OUTPUT, ProbeConfig
 from .report import prepare_output, print_summary, write_report
 from .run import run_probe
 
-OUTPUT_ONLY = {"out": "runs/probe", "overwrite": False}  # options of the command, not of the run
+OUTPUT_ONLY = {"out": "runs/probe", "overwrite": False, "resume": False}  # of the command, not of the run
 
 
 def _number_list(cast: type) -> Callable[[str], tuple]:
@@ -55,6 +56,8 @@ def _argument_type(annotation: Any) -> tuple[Any, bool]:
 
 
 def _shown_default(value: Any) -> str:
+    if value == ():
+        return "none"
     return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
@@ -96,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     output.add_argument(
         "--overwrite", action="store_true", help="replace an existing report folder (never any other folder)"
+    )
+    output.add_argument(
+        "--resume",
+        action="store_true",
+        help="skip the run when --out already holds a finished, valid report of these settings; run again "
+        "over a damaged one (for sweeps: rerun a job array and only unfinished runs compute)",
     )
     verbosity = output.add_mutually_exclusive_group()
     verbosity.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
@@ -151,7 +160,14 @@ def main(argv: list[str] | None = None) -> int:
         _show_progress_messages(
             logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
         )
-        with prepare_output(Path(args.out), overwrite=args.overwrite) as writer:  # locked until written
+        overwrite = args.overwrite
+        if args.resume:
+            state = resume_state(args.out, config)
+            if state == "complete":
+                print(f"{args.out}: already holds this run's finished report (--resume): nothing to do")
+                return 0
+            overwrite = overwrite or state == "replace"
+        with prepare_output(Path(args.out), overwrite=overwrite) as writer:  # locked until written
             result = run_probe(config)
             folder = write_report(result, writer)
     except OodlensError as error:

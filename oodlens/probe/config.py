@@ -16,6 +16,7 @@ from ..data import DEFAULT_CORPUS
 from ..errors import OodlensError, check_count
 from ..models import DEFAULT_MODEL, DEVICES, DTYPES, parse_model_args
 from ..policies import POLICIES, Policy, check_method, policy_by_name
+from ..tasks import RULER_TASKS, TASKS
 
 
 def option(default: Any, group: str, help: str, *, metavar: str | None = None) -> Any:
@@ -80,6 +81,15 @@ class ProbeConfig:
         None, EVALUATIONS, "context lengths before generating (default: --length minus --new-tokens)"
     )
     new_tokens: int = option(32, EVALUATIONS, "tokens generated per milestone")
+    tasks: tuple[str, ...] = option(
+        (),
+        EVALUATIONS,
+        "RULER-style tasks, comma-separated, from: " + ", ".join([*TASKS, *RULER_TASKS]),
+    )
+    task_lengths: tuple[int, ...] | None = option(
+        None, EVALUATIONS, "task prompt lengths (default: --length)"
+    )
+    task_samples: int = option(20, EVALUATIONS, "prompts per task and length (needle depths spread evenly)")
     stream_tokens: int = option(
         0,
         EVALUATIONS,
@@ -90,7 +100,9 @@ class ProbeConfig:
 
     def validate(self) -> ProbeConfig:
         """Check every value that does not need the model (run before it loads); returns ``self``."""
-        for name, minimum in (("windows", 1), ("new_tokens", 1), ("passkey_samples", 1), ("seed", 0)):
+        for name, minimum in (
+            ("windows", 1), ("new_tokens", 1), ("passkey_samples", 1), ("task_samples", 1), ("seed", 0)
+        ):
             check_count(f"--{name.replace('_', '-')}", getattr(self, name), minimum)
         for name in ("n_global", "top_k"):
             check_count(f"--{name.replace('_', '-')}", getattr(self, name), minimum=0)
@@ -117,6 +129,15 @@ class ProbeConfig:
             )
         if self.passkey and self.passkey_lengths == ():
             raise OodlensError("--passkey-lengths is empty: give at least one length (or leave it out)")
+        for task in self.tasks:
+            if task not in TASKS and task not in RULER_TASKS:
+                raise OodlensError(f"unknown task {task!r}; choose from {', '.join([*TASKS, *RULER_TASKS])}")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise OodlensError("--tasks names a task twice: name each task once")
+        for length in self.task_lengths or ():
+            check_count("--task-lengths", length, minimum=2)
+        if self.task_lengths == ():
+            raise OodlensError("--task-lengths is empty: give at least one length (or leave it out)")
         for milestone in self.milestones or ():
             check_count("--milestones", milestone, minimum=1)
         return self
@@ -138,6 +159,8 @@ class ProbeConfig:
                 "length": length,
                 "bucket": self.bucket or default_bucket(length),
                 "passkey_lengths": tuple(passkey_lengths),
+                "task_lengths": tuple(self.task_lengths or (length,)),
+                "tasks": tuple(self.tasks),
                 "milestones": tuple(milestones),
                 "methods": tuple(self.methods),
             }

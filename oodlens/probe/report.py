@@ -83,6 +83,9 @@ def _tables(result: ProbeResult) -> dict[str, pd.DataFrame]:
         frames["generation"] = result.generation.to_dataframe()
     if result.streaming is not None:
         frames["streaming"] = result.streaming.to_dataframe()
+    if result.tasks is not None:
+        frames["tasks"] = result.tasks.to_dataframe()
+        frames["task_accuracy"] = result.tasks.accuracy()
     for method, theory in result.theory.items():
         for kind in ("entropy_bound", "entropy_fit", "logit_growth"):
             frames[f"theory-{kind}-{method}"] = theory.to_dataframe(kind)
@@ -108,6 +111,13 @@ def comparison_frame(result: ProbeResult) -> pd.DataFrame:
     return frame.dropna()
 
 
+def task_frame(result: ProbeResult) -> pd.DataFrame:
+    """Tidy ``[method, metric, value, low, high]`` of the task accuracies (one metric per task and length)."""
+    accuracy = result.tasks.accuracy()
+    accuracy["metric"] = accuracy["task"] + " @ " + accuracy["length"].astype(str)
+    return accuracy[["method", "metric", "value", "low", "high"]]
+
+
 def _figures(result: ProbeResult, folder: Path) -> list[Path]:
     """Draw every figure that the result has data for; returns the PNG paths."""
     folder.mkdir(parents=True)
@@ -130,6 +140,8 @@ def _figures(result: ProbeResult, folder: Path) -> list[Path]:
         drawings["passkey"] = lambda: plotting.plot_passkey(result.passkey, train)
     if result.generation is not None:
         drawings["generation_quality"] = lambda: plotting.plot_generation_quality(result.generation, train)
+    if result.tasks is not None:
+        drawings["tasks"] = lambda: plotting.plot_method_comparison(task_frame(result), facet=True)
     comparison = comparison_frame(result)
     if not comparison.empty:
         drawings["method_comparison"] = lambda: plotting.plot_method_comparison(comparison, facet=True)
@@ -202,6 +214,17 @@ def figure_captions(result: ProbeResult) -> dict[str, str]:
             )
             + "."
         )
+    if result.tasks is not None:
+        captions["tasks"] = (
+            "RULER-style tasks, mean score of each method with its 95 % interval (Wilson for 0/1 scores, "
+            "else bootstrap over prompts): "
+            + "; ".join(
+                f"{row.method} {row.task} @ {row.length} {format_number(row.value)} "
+                f"[{format_number(row.low)}, {format_number(row.high)}] of {row.n}"
+                for row in result.tasks.accuracy().itertuples()
+            )
+            + "."
+        )
     if result.streaming is not None:
         stream = result.streaming
         captions["streaming_perplexity"] = (
@@ -240,16 +263,24 @@ def render_markdown(result: ProbeResult, summary: dict, figures: list[Path], roo
         "",
         "## Numbers",
         "",
+        "Perplexity with its 95 % bootstrap interval over windows (none from one window), passkey with its "
+        "95 % Wilson interval over prompts.",
+        "",
         "| method | ppl ≤ train | ppl > train | max logit ≤ train | max logit > train | entropy ≤ train "
-        "| entropy > train | passkey | BLEU / ROUGE-L |",
+        "| entropy > train | passkey (correct/n) | BLEU / ROUGE-L |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for method, block in summary["methods"].items():
         if "skipped" in block:
             lines.append(f"| {method} | skipped: {block['skipped']} |||||||| ")
             continue
-        diagnosis = block.get("diagnosis", {})
-        passkey = ", ".join(f"{k}: {format_number(v)}" for k, v in block.get("passkey", {}).items()) or "–"
+        diagnosis, intervals = block.get("diagnosis", {}), block.get("intervals", {})
+        passkey = (
+            ", ".join(
+                f"{k}: {_interval_cell(v, count=True)}" for k, v in intervals.get("passkey", {}).items()
+            )
+            or "–"
+        )
         generation = (
             "; ".join(
                 f"{k}: {format_number(v.get('bleu'))} / {format_number(v.get('rouge_l'))}"
@@ -258,8 +289,8 @@ def render_markdown(result: ProbeResult, summary: dict, figures: list[Path], roo
             or "–"
         )
         lines.append(
-            f"| {method} | {format_number(block.get('ppl_within_train_length'))} "
-            f"| {format_number(block.get('ppl_beyond_train_length'))} "
+            f"| {method} | {_interval_cell(intervals.get('ppl_within_train_length'))} "
+            f"| {_interval_cell(intervals.get('ppl_beyond_train_length'))} "
             f"| {format_number(diagnosis.get('max_logit_within'))} "
             f"| {format_number(diagnosis.get('max_logit_beyond'))} "
             f"| {format_number(diagnosis.get('entropy_within'))} "
@@ -289,6 +320,18 @@ def render_markdown(result: ProbeResult, summary: dict, figures: list[Path], roo
         "",
     ]
     return "\n".join(lines)
+
+
+def _interval_cell(estimate: dict | None, *, count: bool = False) -> str:
+    """A summary interval as a table cell: ``8.19 [7.9, 8.5]`` (the 95 % interval where there is one);
+    ``count`` writes a proportion as ``correct/n [low, high]``."""
+    if not estimate:
+        return "–"
+    value, low, high, n = (estimate.get(key) for key in ("value", "low", "high", "n"))
+    text = f"{round(value * n)}/{n}" if count and value is not None else format_number(value)
+    if low is None or high is None:
+        return text
+    return f"{text} [{format_number(low)}, {format_number(high)}]"
 
 
 def print_summary(result: ProbeResult, folder: Path) -> None:

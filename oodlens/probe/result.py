@@ -9,11 +9,22 @@ from typing import Any
 
 from ..capture import Diagnosis
 from ..display import Displayed, format_number
-from ..evaluate import TRUNCATED_BASELINE, GenerationResult, PasskeyResult, PerplexityResult, StreamingResult
+from ..evaluate import (
+    TRUNCATED_BASELINE,
+    GenerationResult,
+    PasskeyResult,
+    PerplexityResult,
+    StreamingResult,
+    TaskResult,
+)
+from ..evaluate.scoring import finite_or_none
 from ..models import ModelInfo
+from ..stats import Estimate, describe_difference
 from ..storage import json_ready, runtime_versions
 from ..theory import Finding, TheoryReport, factor_findings
 from .config import ProbeConfig
+
+SCHEMA_VERSION = 2  # 2: intervals beside every number, provenance (oodlens/probe/summary.schema.json)
 
 
 @dataclass(repr=False)
@@ -31,6 +42,8 @@ class ProbeResult(Displayed):
     skipped: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    provenance: dict[str, Any] = field(default_factory=dict)  # date, model_revision, oodlens_commit
+    tasks: TaskResult | None = None
 
     def headline(self) -> dict[str, Any]:
         cfg = self.config
@@ -65,13 +78,24 @@ class ProbeResult(Displayed):
             "ppl_within_train_length": ppl.get("ppl_within_train_length"),
             "ppl_beyond_train_length": ppl.get("ppl_beyond_train_length"),
         }
+        intervals: dict[str, Any] = dict(ppl.get("intervals", {}))
         if method in self.diagnoses:
             block["diagnosis"] = json_ready(self.diagnoses[method].summary())
             block["theory"] = json_ready(self.theory[method].summary())
         if self.passkey is not None:
             block["passkey"] = self.passkey.summary().get(method, {})
+            intervals["passkey"] = self.passkey.intervals().get(method, {})
         if self.generation is not None:
             block["generation"] = self.generation.summary().get(method, {})
+            intervals["generation"] = self.generation.intervals().get(method, {})
+        if self.tasks is not None:
+            by_task = self.tasks.summary().get(method, {})
+            block["tasks"] = {
+                task: {length: estimate["value"] for length, estimate in lengths.items()}
+                for task, lengths in by_task.items()
+            }
+            intervals["tasks"] = by_task
+        block["intervals"] = intervals
         return block
 
     def summary(self) -> dict[str, Any]:
@@ -80,7 +104,7 @@ class ProbeResult(Displayed):
         for name, reason in self.skipped.items():
             methods[name] = {"skipped": reason}
         return {
-            "schema_version": 1,
+            "schema_version": SCHEMA_VERSION,
             "model": self.info.name,
             "model_info": self.info.to_dict(),
             "train_length": self.train_length,
@@ -90,6 +114,7 @@ class ProbeResult(Displayed):
             "seed": self.config.seed,
             "config": json_ready(asdict(self.config)),
             "versions": runtime_versions(),
+            "provenance": json_ready(self.provenance),
             "seconds": round(self.seconds, 1),
             "methods": methods,
             "streaming": None if self.streaming is None else json_ready(self.streaming.summary()),
@@ -138,16 +163,15 @@ def verdict(result: ProbeResult) -> str:
     for method in methods:
         if method in ("vanilla", TRUNCATED_BASELINE) or length <= train:
             continue
-        beyond = ppl.ppl(method, train, length)
-        sentence = f"{method} has perplexity {format_number(beyond)} beyond the pretraining length"
+        beyond = ppl.estimate(method, train, length)
+        sentence = f"{method} has perplexity {with_interval(beyond)} beyond the pretraining length"
         if baseline:
-            reference = ppl.ppl(baseline, train, length)
-            ratio = beyond / reference if reference and math.isfinite(reference) else math.nan
-            held = ratio <= 1.10
+            reference = ppl.estimate(baseline, train, length)
+            ratio = beyond.value / reference.value if math.isfinite(reference.value) else math.nan
+            held = _held(ratio, describe_difference(beyond, reference), beyond.n)
             sentence += (
                 f", {format_number(ratio)}× the content-matched baseline with truncated context "
-                f"({format_number(reference)}): "
-                f"{'the fix held' if held else 'the fix did not fully hold'}"
+                f"({with_interval(reference)}): {held}"
             )
         parts.append(sentence + ".")
     found = {method: factor_findings(d.summary(), length, train) for method, d in result.diagnoses.items()}
@@ -158,12 +182,11 @@ def verdict(result: ProbeResult) -> str:
                 clauses = [_fix_clause(finding, found.get("vanilla")) for finding in findings]
                 parts.append(f"Under {method}: " + "; ".join(clauses) + ".")
     if result.passkey is not None:
-        acc = result.passkey.summary()
         parts.append(
-            "Passkey accuracy: "
+            "Passkey accuracy (correct of n prompts, 95 % Wilson interval): "
             + "; ".join(
-                f"{m} " + ", ".join(f"{k}: {format_number(v)}" for k, v in by_len.items())
-                for m, by_len in acc.items()
+                f"{m} " + ", ".join(f"at {k} {_proportion(e)}" for k, e in by_len.items())
+                for m, by_len in result.passkey.intervals().items()
             )
             + "."
         )
@@ -173,6 +196,33 @@ def verdict(result: ProbeResult) -> str:
 
 
 FACTOR_NAMES = {1: "unseen distances", 2: "attention entropy", 3: "starting tokens"}
+HELD_RATIO = 1.10  # within 10 % of the baseline the fix held, whatever the interval says
+
+
+def with_interval(estimate: Estimate) -> str:
+    """``8.19 [7.9, 8.5] over 4 windows``, or the bare number with ``(1 window)`` where no interval exists."""
+    value = format_number(finite_or_none(estimate.value))
+    if not (math.isfinite(estimate.low) and math.isfinite(estimate.high)):
+        return f"{value} ({estimate.n} window{'s' if estimate.n != 1 else ''}, no interval)"
+    interval = f"[{format_number(estimate.low)}, {format_number(estimate.high)}]"
+    return f"{value} {interval} over {estimate.n} windows"
+
+
+def _held(ratio: float, difference: str, n_windows: int) -> str:
+    """Whether the fix held, worded only as strongly as the interval over windows allows."""
+    if ratio <= HELD_RATIO:
+        return "the fix held"
+    if difference == "higher":
+        return "the fix did not fully hold (the intervals do not overlap)"
+    if n_windows < 2:
+        return "the fix did not fully hold in this one window (no interval: run more --windows to tell)"
+    return f"higher, but within the uncertainty of {n_windows} windows"
+
+
+def _proportion(estimate: dict[str, Any]) -> str:
+    correct = round((estimate["value"] or 0) * estimate["n"])
+    low, high = (format_number(estimate[end]) for end in ("low", "high"))
+    return f"{correct}/{estimate['n']} [{low}, {high}]"
 
 
 def _fix_clause(finding: Finding, vanilla: list[Finding] | None) -> str:

@@ -8,7 +8,8 @@ Per method (default ``vanilla`` and ``lm-infinite``), on the same token windows:
    baseline ``vanilla-truncated`` (context cut to the training length);
 2. passkey retrieval over lengths × depths;
 3. generation quality after long context (BLEU, ROUGE-L against the real continuation);
-4. optionally, streaming perplexity through a bounded cache, far past what one forward holds.
+4. optionally, streaming perplexity through a bounded cache, far past what one forward holds;
+5. optionally, RULER-style tasks (``--tasks``), every accuracy with its interval.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import logging
 import time
 import warnings
 from dataclasses import replace
+from datetime import datetime, timezone
 
 import numpy as np
 import torch
@@ -32,17 +34,21 @@ from ..evaluate import (
     PasskeyResult,
     PerplexityResult,
     StreamingResult,
+    TaskResult,
     cycle_tokens,
     generation_quality,
     passkey_retrieval,
     sequence_nll,
     streaming_perplexity,
+    task_accuracy,
     truncated_sequence_nll,
 )
 from ..evaluate.budget import check_memory
-from ..models import LoadedModel, ModelInfo, load_model, parse_model_args
+from ..models import LoadedModel, ModelInfo, load_model, model_revision, parse_model_args
 from ..models.anatomy import check_positions
 from ..policies import Policy
+from ..storage import git_commit
+from ..tasks import generate as generate_task
 from ..theory import TheoryReport, check_theory
 from .config import ProbeConfig
 from .result import ProbeResult
@@ -61,25 +67,28 @@ def score_and_diagnose(
     progress: bool = True,
 ) -> tuple[np.ndarray, Diagnosis]:
     """One forward per window of ``windows [n, length]`` that both captures the diagnosis and scores every
-    token: the mean NLL per position over the windows ``[length]`` and the :class:`Diagnosis`."""
-    total = np.zeros(windows.shape[1], dtype=np.float64)
+    token: the NLL of every position of every window ``[n, length]`` (what
+    :class:`~oodlens.evaluate.PerplexityResult` averages and resamples for its intervals) and the
+    :class:`Diagnosis`."""
+    rows = []
     with capture(model, policy, config, train_length, name) as session:
         for window in tqdm(
             windows, desc=f"{policy.name}: diagnose + score", disable=not progress, leave=False
         ):
-            total += sequence_nll(model, window).numpy()
-    return (total / windows.shape[0]).astype(np.float32), session.result()
+            rows.append(sequence_nll(model, window).numpy())
+    return np.stack(rows).astype(np.float32), session.result()
 
 
 def truncated_baseline_nll(
     model: nn.Module, windows: torch.Tensor, train_length: int, *, progress: bool = True
 ) -> np.ndarray:
-    """Mean NLL per position over ``windows [n, length]`` of vanilla with at most ``train_length`` tokens of
-    context (:func:`~oodlens.evaluate.truncated_sequence_nll`)."""
-    total = np.zeros(windows.shape[1], dtype=np.float64)
-    for window in tqdm(windows, desc=f"{TRUNCATED_BASELINE}: score", disable=not progress, leave=False):
-        total += truncated_sequence_nll(model, window, train_length).numpy()
-    return (total / windows.shape[0]).astype(np.float32)
+    """NLL of every position of ``windows [n, length]`` (``[n, length]``) under vanilla with at most
+    ``train_length`` tokens of context (:func:`~oodlens.evaluate.truncated_sequence_nll`)."""
+    rows = [
+        truncated_sequence_nll(model, window, train_length).numpy()
+        for window in tqdm(windows, desc=f"{TRUNCATED_BASELINE}: score", disable=not progress, leave=False)
+    ]
+    return np.stack(rows).astype(np.float32)
 
 
 def run_probe(config: ProbeConfig, *, loaded: LoadedModel | None = None) -> ProbeResult:
@@ -90,10 +99,15 @@ def run_probe(config: ProbeConfig, *, loaded: LoadedModel | None = None) -> Prob
         config: the run's settings.
         loaded: an already loaded model (else ``config.model`` is loaded).
     """
-    started = time.perf_counter()
+    started, date = time.perf_counter(), datetime.now(timezone.utc).isoformat(timespec="seconds")
     config.validate()
     loaded = _with_train_length(loaded or _load(config), config.train_length)
     info = loaded.info
+    provenance = {
+        "date": date,
+        "model_revision": model_revision(info.name, loaded.model),
+        "oodlens_commit": git_commit(),
+    }
     cfg = config.resolved(info.train_length)
     _check_lengths(loaded, cfg)
     notes: list[str] = []
@@ -112,12 +126,16 @@ def run_probe(config: ProbeConfig, *, loaded: LoadedModel | None = None) -> Prob
         seed=cfg.seed,
         join_documents=cfg.join_documents,
     )
+    for task in cfg.tasks:  # a length too short for a task fails now, not after the long forwards
+        for length in cfg.task_lengths:
+            generate_task(task, loaded.tokenizer, length, 1, cfg.seed, corpus)
     policies = cfg.policies()
     resident = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
     device = next(loaded.model.parameters()).device
     for label, lengths in (
         ("--length", [cfg.length]),
         ("--passkey-lengths", cfg.passkey_lengths if cfg.passkey else []),
+        ("--task-lengths", cfg.task_lengths if cfg.tasks else []),
     ):
         for length in lengths:  # every forward the run will make must fit, passkey prompts included
             check_memory(info, length, policies, device, resident, label)
@@ -130,6 +148,7 @@ def run_probe(config: ProbeConfig, *, loaded: LoadedModel | None = None) -> Prob
     passkey = _passkey(loaded, runnable, cfg) if cfg.passkey else None
     generation = _generation(loaded, windows, runnable, cfg) if cfg.generation else None
     streaming = _streaming(loaded, corpus, runnable, cfg, notes) if cfg.stream_tokens else None
+    tasks = _tasks(loaded, corpus, runnable, cfg) if cfg.tasks else None
     return ProbeResult(
         cfg,
         info,
@@ -142,6 +161,8 @@ def run_probe(config: ProbeConfig, *, loaded: LoadedModel | None = None) -> Prob
         skipped,
         notes,
         time.perf_counter() - started,
+        provenance,
+        tasks,
     )
 
 
@@ -194,7 +215,7 @@ def _runnable(policies: list[Policy], info: ModelInfo) -> tuple[list[Policy], di
 def _diagnose_and_score(
     loaded: LoadedModel, windows: torch.Tensor, policies: list[Policy], cfg: ProbeConfig
 ) -> tuple[dict[str, np.ndarray], dict[str, Diagnosis], dict[str, TheoryReport]]:
-    """Per method: mean NLL per position, diagnosis and theory check; plus the truncated baseline's NLL."""
+    """Per method: NLL per window and position, diagnosis and theory check; plus the truncated baseline's."""
     info = loaded.info
     token_nll, diagnoses, theory = {}, {}, {}
     for policy in policies:
@@ -230,6 +251,24 @@ def _passkey(loaded: LoadedModel, policies: list[Policy], cfg: ProbeConfig) -> P
         samples_per_cell=cfg.passkey_samples,
         train_length=loaded.info.train_length,
         seed=cfg.seed,
+        progress=cfg.progress,
+    )
+
+
+def _tasks(loaded: LoadedModel, corpus: Corpus, policies: list[Policy], cfg: ProbeConfig) -> TaskResult:
+    log.info(
+        "tasks %s at lengths %s, %d prompts each", list(cfg.tasks), list(cfg.task_lengths), cfg.task_samples
+    )
+    return task_accuracy(
+        loaded.model,
+        loaded.tokenizer,
+        policies,
+        cfg.tasks,
+        lengths=cfg.task_lengths,
+        n_samples=cfg.task_samples,
+        seed=cfg.seed,
+        train_length=loaded.info.train_length,
+        corpus=corpus,
         progress=cfg.progress,
     )
 

@@ -1,0 +1,115 @@
+"""``python -m oodlens.compare RUN_DIR… --out DIR``: one comparison report from many probe runs.
+
+Reads each run with :func:`oodlens.probe.collect.collect` (a folder that is not a finished, valid report is a
+one-line error naming it, and nothing is written), then writes DIR atomically: ``table.csv`` (the tidy rows:
+run, model, length, method, metric, value, low, high, n), ``comparison.md`` (a table per metric, every value
+with its 95 % interval and n) and ``figures/`` (the headline metrics side by side, with intervals).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from . import plotting
+from .display import format_number
+from .errors import OodlensError
+from .probe.collect import collect
+from .storage import write_folder
+from .tasks import RULER_TASKS, TASKS
+
+COMPARISON_KIND = "comparison"
+HEADLINE = ("ppl_beyond_train_length", "passkey@", "rouge_l@")  # the metrics drawn (prefixes), and tasks
+
+
+def write_comparison(runs: list[str], out: str | Path, *, overwrite: bool = False) -> Path:
+    """Collect ``runs`` (folders or glob patterns) and write the comparison folder ``out``; returns it."""
+    frame = collect(runs)
+    frame["label"] = frame["model"] + " @" + frame["length"].astype(str)
+
+    def fill(folder: Path) -> None:
+        frame.drop(columns="label").to_csv(folder / "table.csv", index=False)
+        figures = folder / "figures"
+        figures.mkdir()
+        names = []
+        tasks = {*TASKS, *RULER_TASKS}
+        drawn = [m for m in frame["metric"].unique() if m.startswith(HEADLINE) or m.split("@")[0] in tasks]
+        for metric in sorted(drawn):
+            rows = frame[frame["metric"] == metric]
+            panels = rows.assign(metric=metric + "\n" + rows["label"])  # one panel per run
+            fig = plotting.plot_method_comparison(
+                panels[["method", "metric", "value", "low", "high"]], facet=True
+            )
+            name = metric.replace("@", "_at_")
+            plotting.save_figure(fig, figures / name)
+            plt.close(fig)
+            names.append(name)
+        (folder / "comparison.md").write_text(_markdown(frame, runs, names))
+
+    return write_folder(out, fill, kind=COMPARISON_KIND, overwrite=overwrite)
+
+
+def _markdown(frame: pd.DataFrame, runs: list[str], figures: list[str]) -> str:
+    frame = frame.assign(cell=frame.apply(_cell, axis=1))
+    lines = [
+        "# Comparison of probe runs",
+        "",
+        f"{frame['run'].nunique()} runs ({', '.join(map(str, runs))}). Each cell: value [95 % interval], n "
+        "(windows for perplexity and factors, prompts for passkey, windows for generation scores).",
+    ]
+    for metric, rows in frame.groupby("metric", sort=False):
+        lines += ["", f"## {metric}", "", _table(rows)]
+    lines += ["", "## Figures", ""] + [f"![{name}](figures/{name}.png)" for name in figures]
+    return "\n".join(lines) + "\n"
+
+
+def _cell(row: pd.Series) -> str:
+    text = format_number(None if pd.isna(row["value"]) else float(row["value"]))
+    if pd.notna(row["low"]) and pd.notna(row["high"]):
+        text += f" [{format_number(float(row['low']))}, {format_number(float(row['high']))}]"
+    n = row["n"]
+    return text + (f", n={int(n)}" if pd.notna(n) else "")
+
+
+def _table(rows: pd.DataFrame) -> str:
+    """Methods × runs (model @length) of one metric, as a Markdown table."""
+    table = rows.pivot_table(index="method", columns="label", values="cell", aggfunc="first", sort=False)
+    head = "| method | " + " | ".join(map(str, table.columns)) + " |"
+    rule = "|---" * (len(table.columns) + 1) + "|"
+    body = [
+        f"| {method} | " + " | ".join("–" if pd.isna(cell) else str(cell) for cell in cells) + " |"
+        for method, cells in table.iterrows()
+    ]
+    return "\n".join([head, rule, *body])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m oodlens.compare",
+        description="One comparison report (table.csv, comparison.md, figures/) from many probe report "
+        "folders.",
+    )
+    parser.add_argument("runs", nargs="+", help="report folders or glob patterns (e.g. 'runs/*')")
+    parser.add_argument("--out", required=True, help="the comparison folder to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier comparison folder")
+    args = parser.parse_args(argv)
+    try:
+        folder = write_comparison(args.runs, args.out, overwrite=args.overwrite)
+    except OodlensError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {folder}/comparison.md, table.csv and figures/")
+    return 0
+
+
+def main_entry() -> None:
+    """The ``oodlens-compare`` console script."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    main_entry()

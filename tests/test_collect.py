@@ -1,0 +1,180 @@
+"""Evidence across runs: every summary follows the shipped JSON Schema, carries intervals and provenance,
+and many report folders become one table (``oodlens.collect``, ``python -m oodlens.compare``,
+``--resume``)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import oodlens
+from oodlens import compare, probe
+from oodlens.errors import OodlensError
+from oodlens.evaluate import PerplexityResult
+from oodlens.models import load_model, model_revision
+from oodlens.probe.collect import SCHEMA_PATH, read_summary, summary_schema, validate_summary
+from oodlens.stats import perplexity_interval
+from oodlens.tiny import byte_tokenizer, tiny_model
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN = ["--model", "tiny:llama", "--no-progress", "--windows", "2", "--no-passkey", "--new-tokens", "8"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """Three small runs, as a sweep would leave them: two lengths, one with passkey."""
+    root = tmp_path_factory.mktemp("runs")
+    assert probe.main([*RUN, "--length", "128", "--out", str(root / "len128")]) == 0
+    assert probe.main([*RUN, "--length", "192", "--out", str(root / "len192")]) == 0
+    passkey = [*RUN[:-3], "--length", "400", "--passkey", "--passkey-depths", "0.2,0.8", "--no-generation"]
+    assert probe.main([*passkey, "--out", str(root / "passkey400")]) == 0
+    return root
+
+
+def test_the_schema_is_shipped_and_every_summary_follows_it(runs):
+    schema = summary_schema()
+    assert SCHEMA_PATH.parent.name == "probe" and schema["properties"]["schema_version"]["const"] == 2
+    for folder in runs.iterdir():
+        summary = json.loads((folder / "summary.json").read_text())
+        validate_summary(summary, str(folder))
+        assert summary["provenance"]["model_revision"] == "random:seed0"
+        assert re.match(r"\d{4}-\d\d-\d\dT", summary["provenance"]["date"])
+
+
+def test_a_summary_that_breaks_the_schema_is_named_with_the_key(runs):
+    summary = json.loads((runs / "len128" / "summary.json").read_text())
+    summary["methods"]["vanilla"]["intervals"]["ppl_beyond_train_length"]["n"] = -1
+    with pytest.raises(OodlensError, match="methods/vanilla/intervals/ppl_beyond_train_length/n"):
+        validate_summary(summary, "here")
+    del summary["provenance"]
+    with pytest.raises(OodlensError, match="'provenance' is a required property"):
+        validate_summary(summary, "here")
+
+
+def test_intervals_sit_beside_the_numbers_and_equal_a_bootstrap_over_windows(runs):
+    summary = read_summary(runs / "len192")
+    vanilla = summary["methods"]["vanilla"]
+    beyond = vanilla["intervals"]["ppl_beyond_train_length"]
+    assert beyond["n"] == 2 and beyond["method"] == "bootstrap-windows"
+    assert beyond["low"] <= vanilla["ppl_beyond_train_length"] <= beyond["high"]
+    assert beyond["value"] == pytest.approx(vanilla["ppl_beyond_train_length"], rel=1e-5)
+    generation = vanilla["intervals"]["generation"]["184"]["rouge_l"]
+    assert generation["n"] == 2 and generation["method"] == "bootstrap"
+    passkey = read_summary(runs / "passkey400")["methods"]["lm-infinite"]["intervals"]["passkey"]["400"]
+    assert passkey["n"] == 2 and passkey["method"] == "wilson" and 0 <= passkey["low"] <= passkey["high"] <= 1
+
+
+def test_perplexity_intervals_resample_whole_windows():
+    rng = np.random.default_rng(0)
+    windows = rng.uniform(1.0, 3.0, (5, 40)).astype(np.float32)
+    result = PerplexityResult({"m": windows}, 16, 40, 5, 8)
+    assert np.allclose(result.token_nll["m"], windows.mean(axis=0))
+    estimate = result.estimate("m", 16, 40)
+    ppl, low, high, n = perplexity_interval(windows[:, 16:40].astype(np.float64).mean(axis=1))
+    assert (estimate.value, estimate.low, estimate.high, estimate.n) == pytest.approx((ppl, low, high, n))
+    assert estimate.value == pytest.approx(math.exp(windows[:, 16:].astype(np.float64).mean()), rel=1e-6)
+    frame = result.to_dataframe()
+    assert (frame["ppl_low"] <= frame["ppl"]).all() and (frame["ppl"] <= frame["ppl_high"]).all()
+    averaged = PerplexityResult({"m": windows.mean(axis=0)}, 16, 40, 5, 8)  # only the average: no interval
+    assert math.isnan(averaged.estimate("m", 16, 40).low)
+    with pytest.raises(OodlensError, match="3 rows of window NLL for 5 windows"):
+        PerplexityResult({"m": windows[:3]}, 16, 40, 5, 8)
+
+
+def test_collect_gives_one_tidy_table(runs):
+    table = oodlens.collect(str(runs / "*"))
+    assert list(table.columns) == [
+        "run", "model", "length", "train_length", "method", "metric", "value", "low", "high", "n"
+    ]
+    assert sorted(table["length"].unique()) == [128, 192, 400]
+    beyond = table[(table.metric == "ppl_beyond_train_length") & (table.length == 192)].set_index("method")
+    summary = read_summary(runs / "len192")["methods"]
+    for method in ("vanilla", "lm-infinite", "vanilla-truncated"):
+        assert beyond.loc[method, "value"] == pytest.approx(summary[method]["ppl_beyond_train_length"])
+        assert beyond.loc[method, "n"] == 2 and beyond.loc[method, "low"] <= beyond.loc[method, "high"]
+    passkey = table[table.metric == "passkey@400"]
+    assert set(passkey["method"]) == {"vanilla", "lm-infinite", "vanilla-truncated"}
+    assert set(passkey["n"]) == {2}
+    assert {"max_logit_beyond", "rouge_l@120", "bleu@120"} <= set(table["metric"])
+
+
+def test_a_damaged_or_unfinished_folder_is_named_and_nothing_is_lost(runs, tmp_path):
+    damaged, unfinished = tmp_path / "damaged", tmp_path / ".len128.partial-999"
+    shutil.copytree(runs / "len128", damaged)
+    (damaged / "summary.json").write_text('{"schema_version": 2, "model": ')
+    shutil.copytree(runs / "len128", unfinished)
+    (unfinished / ".oodlens-folder.json").unlink()
+    with pytest.raises(OodlensError, match=f"{damaged}: summary.json is damaged"):
+        oodlens.collect([runs / "len128", damaged])
+    with pytest.raises(OodlensError, match="not a finished oodlens report"):
+        oodlens.collect([unfinished])
+    with pytest.raises(OodlensError, match="no report folder matches"):
+        oodlens.collect(str(tmp_path / "nothing-*"))
+    out = tmp_path / "comparison"
+    assert compare.main([str(runs / "len128"), str(damaged), "--out", str(out)]) == 2
+    assert not out.exists()
+    assert read_summary(runs / "len128")["length"] == 128  # the good run is untouched
+
+
+def test_compare_writes_one_report_from_many_runs(runs, tmp_path):
+    out = tmp_path / "comparison"
+    assert compare.main([str(runs / "len*"), "--out", str(out)]) == 0
+    markdown = (out / "comparison.md").read_text()
+    assert "## ppl_beyond_train_length" in markdown and "n=2" in markdown
+    assert re.search(r"\| lm-infinite \| [\d.]+ \[[\d.]+, [\d.]+\], n=2 \|", markdown)
+    table = (out / "table.csv").read_text().splitlines()
+    assert table[0] == "run,model,length,train_length,method,metric,value,low,high,n"
+    assert (out / "figures" / "ppl_beyond_train_length.png").is_file()
+    # an earlier comparison is replaced only with --overwrite
+    assert compare.main([str(runs / "len*"), "--out", str(out)]) == 2
+    assert compare.main([str(runs / "len*"), "--out", str(out), "--overwrite"]) == 0
+
+
+def test_resume_skips_a_finished_run_and_redoes_a_damaged_one(runs, tmp_path, capsys):
+    folder = tmp_path / "run"
+    shutil.copytree(runs / "len128", folder)
+    before = (folder / "summary.json").stat().st_mtime_ns
+    assert probe.main([*RUN, "--length", "128", "--out", str(folder), "--resume"]) == 0
+    assert "already holds this run's finished report" in capsys.readouterr().out
+    assert (folder / "summary.json").stat().st_mtime_ns == before
+    assert probe.main([*RUN, "--length", "192", "--out", str(folder), "--resume"]) == 2
+    assert "other settings (length differ)" in capsys.readouterr().err
+    (folder / "summary.json").write_text("{")
+    assert probe.main([*RUN, "--length", "128", "--out", str(folder), "--resume"]) == 0
+    assert read_summary(folder)["length"] == 128
+
+
+def test_the_schema_page_describes_every_key_of_the_schema():
+    page = (ROOT / "docs" / "report-schema.md").read_text()
+    schema = json.loads(SCHEMA_PATH.read_text())
+    keys = set(schema["properties"])
+    keys |= set(schema["$defs"]["method"]["oneOf"][1]["properties"])
+    keys |= set(schema["$defs"]["estimate"]["properties"])
+    keys |= set(schema["properties"]["provenance"]["properties"])
+    missing = sorted(key for key in keys if f"`{key}`" not in page)
+    assert missing == []
+    assert f"schema_version {schema['properties']['schema_version']['const']}" in page
+
+
+def test_a_model_revision_says_which_weights(tmp_path):
+    assert model_revision("tiny:llama", tiny_model("llama").model) == "random:seed0"
+    folder = tmp_path / "model"
+    tiny = tiny_model("llama")
+    tiny.model.save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    loaded = load_model(str(folder))
+    first = model_revision(str(folder), loaded.model)
+    assert first.startswith("fingerprint:") and model_revision(str(folder), loaded.model) == first
+    (folder / ".cache-note").write_text("not part of the model")
+    assert model_revision(str(folder), loaded.model) == first
+    with torch.no_grad():
+        tiny.model.lm_head.weight.add_(1.0)
+    tiny.model.save_pretrained(folder)
+    assert model_revision(str(folder), loaded.model) != first

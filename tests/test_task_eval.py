@@ -1,0 +1,94 @@
+"""RULER-style tasks under every method (``oodlens.evaluate.task_accuracy``, the probe's ``--tasks``)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from oodlens import probe, tasks
+from oodlens.evaluate import TRUNCATED_BASELINE, TaskResult, generate_greedy, task_accuracy
+from oodlens.evaluate.scoring import new_cache
+from oodlens.policies import apply_policy, lm_infinite, vanilla
+from oodlens.probe.collect import validate_summary
+from oodlens.stats import Estimate
+from oodlens.tiny import byte_tokenizer, tiny_model
+
+LENGTH = 2000  # every task used here fits 2,000 bytes of the byte tokenizer
+
+
+@pytest.fixture(scope="module")
+def result():
+    model = tiny_model("llama").model
+    outcome = task_accuracy(
+        model,
+        byte_tokenizer(),
+        [vanilla(), lm_infinite()],
+        ["niah_single", "vt"],
+        lengths=[LENGTH],
+        n_samples=3,
+        seed=5,
+        progress=False,
+    )
+    return model, outcome
+
+
+def test_every_answer_is_the_greedy_answer_to_its_own_prompt(result):
+    model, outcome = result
+    tokenizer = byte_tokenizer()
+    rows = outcome.to_dataframe()
+    assert len(rows) == 2 * 3 * 3  # tasks × samples × (two methods and the baseline)
+    for task in ("niah_single", "vt"):
+        for sample in tasks.generate(task, tokenizer, LENGTH, 3, 5):
+            prompt = torch.tensor(sample.input_ids)
+            cases = [
+                ("vanilla", vanilla(), prompt),
+                ("lm-infinite", lm_infinite(), prompt),
+                (TRUNCATED_BASELINE, vanilla(), prompt[-64:]),  # the last L tokens, question included
+            ]
+            for name, policy, ids in cases:
+                with apply_policy(model, policy) as handle, torch.no_grad():
+                    cache = new_cache(model, handle)  # bounded for LM-Infinite, dynamic for vanilla
+                    new = generate_greedy(model, ids, sample.max_new_tokens, cache=cache)
+                expected = tokenizer.decode(new, skip_special_tokens=True)
+                row = rows[(rows.method == name) & (rows.task == task) & (rows["sample"] == sample.index)]
+                assert row["generated"].item() == expected  # shared prefixes change nothing
+                assert row["score"].item() == tasks.score(task, expected, sample.answers)
+                assert row["prompt_tokens"].item() == ids.numel()
+
+
+def test_accuracies_carry_a_wilson_or_a_bootstrap_interval():
+    rows = [
+        {"method": "m", "task": "niah_single", "length": 10, "score": score} for score in (1.0, 0.0, 1.0, 1.0)
+    ] + [{"method": "m", "task": "cwe", "length": 10, "score": score} for score in (0.5, 1.0, 0.0, 0.7)]
+    estimates = TaskResult(rows).estimates()
+    assert estimates["m", "niah_single", 10] == Estimate.proportion(3, 4)
+    bootstrap = estimates["m", "cwe", 10]
+    assert bootstrap == Estimate.mean([0.5, 1.0, 0.0, 0.7])
+    assert bootstrap.method == "bootstrap" and bootstrap.value == pytest.approx(0.55)
+    summary = TaskResult(rows).summary()
+    assert summary["m"]["niah_single"]["10"]["n"] == 4 and summary["m"]["niah_single"]["10"]["value"] == 0.75
+
+
+def test_the_probe_runs_tasks_and_reports_them(tmp_path):
+    out = tmp_path / "out"
+    argv = ["--model", "tiny:llama", "--length", "128", "--no-passkey", "--no-generation", "--no-progress"]
+    argv += ["--tasks", "niah_single", "--task-lengths", str(LENGTH), "--task-samples", "2"]
+    argv += ["--out", str(out)]
+    assert probe.main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    validate_summary(summary, str(out))
+    block = summary["methods"]["lm-infinite"]
+    assert set(block["tasks"]) == {"niah_single"}
+    estimate = block["intervals"]["tasks"]["niah_single"][str(LENGTH)]
+    assert estimate["n"] == 2 and estimate["value"] == block["tasks"]["niah_single"][str(LENGTH)]
+    assert (out / "figures" / "tasks.png").is_file() and (out / "tables" / "task_accuracy.csv").is_file()
+    assert "RULER-style tasks" in (out / "report.md").read_text()
+
+
+def test_a_task_length_too_short_fails_before_the_long_work(tmp_path, capsys):
+    argv = ["--model", "tiny:llama", "--length", "128", "--no-passkey", "--no-generation", "--no-progress"]
+    code = probe.main([*argv, "--tasks", "vt", "--task-lengths", "100", "--out", str(tmp_path / "out")])
+    assert code == 2 and "use length ≥" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
