@@ -2,15 +2,19 @@
 
 Cases, each timed after a warm-up on the same shapes (CUDA synchronised, peak memory from the allocator):
 
+0. ``kernels``: the fused CUDA kernels' self-check against the float32 reference, per dtype; ``policies``:
+   every policy by name on tiny models of four families (GQA, partial rotary, soft-capping) on CUDA, float32
+   against the CPU engine (which the test suite holds against dense references) and bfloat16 against float32.
 1. ``one-layer``: one attention layer of Llama-2-7B's shape (32 heads × 128, bf16, a minimal MLP) with
-   ``n_global=10``, window and distance limit 4096; the same shape as the official LM-Infinite kernel's H200
-   anchors (docs/results.md).
+   ``n_global=10``, window and distance limit 4096, 8k–128k; the same shape as the official LM-Infinite
+   kernel's H200 anchors (docs/results.md). ``one-layer-gqa``: Llama-3-8B's (32 query / 8 key-value heads).
 2. ``smollm2``: SmolLM2-135M's shape (30 layers, 9 query / 3 key-value heads, bf16), window 8192, one
    prefill forward from 8k to 128k tokens.
 3. ``llama-2-7b``: Llama-2-7B's shape (bf16), window 4096, prefill at 8k–32k.
-4. ``capture``: the cost of capturing the three factors (observed forward) on the SmolLM2 shape at 16k.
-5. ``decode``: greedy decoding after a 32k prefill with LM-Infinite's bounded cache vs the dynamic cache
-   (memory held by the cache, time per token).
+4. ``capture``: the cost of capturing the three factors (observed forward) on the SmolLM2 shape at 32k.
+5. ``decode``: time per generated token and cache size after 8k–128k tokens of context on the SmolLM2 shape
+   (:func:`oodlens.evaluate.decode_speed`: vanilla with its dynamic and its static cache, LM-Infinite and
+   StreamingLLM with their bounded caches), eager.
 
     python benchmarks/gpu.py --out results/                   # writes gpu.json and prints tables
     python benchmarks/gpu.py --cases one-layer --lengths 8192,65536
@@ -19,17 +23,18 @@ Cases, each timed after a warm-up on the same shapes (CUDA synchronised, peak me
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 import oodlens
-from oodlens.policies import lm_infinite, native_or_policy, vanilla
+from oodlens.evaluate import decode_speed
+from oodlens.policies import POLICIES, apply_policy, lm_infinite, native_or_policy, policy_by_name, vanilla
+from oodlens.tiny import tiny_model
 
 SMOLLM2_SHAPE = dict(
     hidden_size=576,
@@ -53,6 +58,18 @@ LLAMA2_7B_SHAPE = dict(
     rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
 )
 ONE_LAYER_SHAPE = LLAMA2_7B_SHAPE | dict(num_hidden_layers=1, intermediate_size=128, vocab_size=256)
+LLAMA3_8B_SHAPE = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    max_position_embeddings=8192,
+    rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+)
+ONE_LAYER_GQA_SHAPE = LLAMA3_8B_SHAPE | dict(num_hidden_layers=1, intermediate_size=128, vocab_size=256)
+POLICY_FAMILIES = ("llama", "qwen2", "phi3", "gemma2")
 
 
 def random_model(shape: dict, dtype: torch.dtype = torch.bfloat16):
@@ -134,43 +151,83 @@ def capture_cost(length: int) -> list[dict]:
     return rows
 
 
-def greedy_steps(model, token: torch.Tensor, cache, steps: int) -> torch.Tensor:
-    """``steps`` greedy tokens after ``token [1, 1]``, one forward each against ``cache``."""
-    for _ in range(steps):
-        token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
-    return token
-
-
-def decode(length: int, steps: int = 32) -> list[dict]:
-    """Greedy decoding after a ``length``-token prefill: bounded LM-Infinite cache vs the dynamic cache."""
+def decode(contexts: list[int], steps: int = 16) -> list[dict]:
+    """Time per generated token and cache size after each context (random keys and values of the model's
+    shape fill the caches, so no long prefill is needed), every method interleaved."""
     model = random_model(SMOLLM2_SHAPE)
-    ids = torch.randint(0, model.config.vocab_size, (1, length), device="cuda")
-    rows = []
-    for method in ("vanilla", "lm-infinite"):
-        with torch.no_grad(), native_or_policy(model, method, 8192) as handle:
-            cache = handle.new_cache() if handle is not None else DynamicCache(config=model.config)
-            token = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits.argmax(-1)
-            seconds, _ = timed(functools.partial(greedy_steps, model, token, cache, steps))
-            cache_bytes = sum(
-                t.numel() * t.element_size()
-                for layer in cache.layers
-                for t in (layer.keys, layer.values)
-                if t is not None
-            )
-        rows.append(
-            {
-                "method": method,
-                "context": length,
-                "ms_per_token": 1000 * seconds / steps,
-                "cache_gib": cache_bytes / 2**30,
-            }
-        )
-        print(f"decode {method:12s} after {length}: {rows[-1]}", flush=True)
-        torch.cuda.empty_cache()
+    methods = ["vanilla", "vanilla-static", "lm-infinite", "streaming-llm"]
+    result = decode_speed(model, methods, contexts, steps=steps, repeats=2, train_length=8192, progress=False)
+    rows = result.to_dataframe().to_dict("records")
+    for row in rows:
+        print(f"decode {row['method']:15s} after {row['context']:7d}: {row['ms_per_token']:7.2f} ms/token "
+              f"({row['ms_low']:.2f}–{row['ms_high']:.2f}), cache {row['cache_mib']:8.1f} MiB", flush=True)
     return rows
 
 
-CASES = ("kernels", "one-layer", "smollm2", "llama-2-7b", "capture", "decode")
+def policies_on_cuda(length: int = 300) -> list[dict]:
+    """Every policy by name on CUDA: float32 against the CPU engine, bfloat16 against CUDA float32 (max
+    absolute logit difference, and relative to the logits' scale)."""
+    rows = []
+    for family in POLICY_FAMILIES:
+        cpu = tiny_model(family).model
+        ids = torch.randint(3, cpu.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
+        for name in POLICIES:
+            policy = policy_by_name(name, target_length=length)
+            try:
+                with torch.no_grad(), apply_policy(cpu, policy):
+                    reference = cpu(ids).logits.float()
+            except oodlens.OodlensError as error:  # e.g. a policy this family cannot take
+                rows.append({"family": family, "policy": name, "skipped": str(error)})
+                continue
+            row = {"family": family, "policy": name}
+            for dtype in (torch.float32, torch.bfloat16):
+                model = tiny_model(family).model.to("cuda", dtype)
+                with torch.no_grad(), apply_policy(model, policy):
+                    logits = model(ids.cuda()).logits.float().cpu()
+                difference = (logits - reference).abs().max().item()
+                label = str(dtype).removeprefix("torch.")
+                row[f"{label}_max_abs"] = difference
+                row[f"{label}_relative"] = difference / reference.abs().max().item()
+            rows.append(row)
+            print(f"policy {family:7s} {name:15s}: {row}", flush=True)
+    return rows
+
+
+def profile(length: int, out: Path) -> dict:
+    """Where the time of LM-Infinite's prefill and of the capture goes on the SmolLM2 shape at ``length``:
+    torch.profiler's top operators by host and by device time, written to ``out/profile.txt``."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from oodlens.capture import capture
+
+    model = random_model(SMOLLM2_SHAPE)
+    ids = torch.randint(0, model.config.vocab_size, (1, length), device="cuda")
+    report, summary = [], {}
+    runs = {
+        "lm-infinite prefill": lambda: apply_policy(model, lm_infinite(), train_length=8192),
+        "capture (vanilla)": lambda: capture(model, vanilla(), train_length=8192, name="smollm2-shape"),
+    }
+    for label, context in runs.items():
+        with torch.no_grad():
+            with context():
+                model(ids[:, :2048], use_cache=False, logits_to_keep=1)  # warm-up
+            with context(), torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                model(ids, use_cache=False, logits_to_keep=1)
+                torch.cuda.synchronize()
+        events = prof.key_averages()
+        syncs = sum(e.count for e in events if "Synchronize" in e.key or e.key == "aten::item")
+        launches = sum(e.count for e in events if "Launch" in e.key)
+        summary[label] = {"sync_or_item_calls": syncs, "launches": launches}
+        report += [f"== {label} at {length}: {summary[label]}"]
+        report += [events.table(sort_by="self_cpu_time_total", row_limit=15)]
+        report += [events.table(sort_by="self_cuda_time_total", row_limit=10)]
+    (out / "profile.txt").write_text("\n".join(report))
+    print(summary, flush=True)
+    return summary
+
+
+CASES = ("kernels", "policies", "one-layer", "one-layer-gqa", "smollm2", "llama-2-7b", "capture", "decode")
 
 
 def main() -> None:
@@ -214,12 +271,18 @@ def main() -> None:
                 for dtype in (torch.float32, torch.bfloat16, torch.float16)
             },
         )
+    if "policies" in cases:
+        record("policies", policies_on_cuda)
+    long = [8192, 16384, 32768, 65536, 131072]
     if "one-layer" in cases:
         record(
             "one-layer",
-            lambda: compare(
-                random_model(ONE_LAYER_SHAPE), override or [8192, 16384, 32768, 65536], 4096, "one-layer"
-            ),
+            lambda: compare(random_model(ONE_LAYER_SHAPE), override or long, 4096, "one-layer"),
+        )
+    if "one-layer-gqa" in cases:
+        record(
+            "one-layer-gqa",
+            lambda: compare(random_model(ONE_LAYER_GQA_SHAPE), override or long, 4096, "one-layer-gqa"),
         )
     if "smollm2" in cases:
         record(
@@ -236,9 +299,11 @@ def main() -> None:
             ),
         )
     if "capture" in cases:
-        record("capture", lambda: capture_cost(16384))
+        record("capture", lambda: capture_cost((override or [32768])[-1]))
+    if "profile" in cases:  # not in the default cases: run it alone
+        record("profile", lambda: profile((override or [32768])[-1], args.out))
     if "decode" in cases:
-        record("decode", lambda: decode(32768))
+        record("decode", lambda: decode(override or [8192, 32768, 131072]))
 
 
 if __name__ == "__main__":

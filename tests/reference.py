@@ -26,7 +26,7 @@ def model_rotation(model, attention):
     layer_type = getattr(attention, "layer_type", None) if per_layer_type else None
 
     def rotate(x: torch.Tensor, positions: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-        pos = positions.reshape(1, -1)
+        pos = positions.reshape(1, -1).to(x.device)
         if hasattr(modeling, "rotate_every_two"):  # GPT-J: (sin, cos) table, interleaved, partial by slicing
             sin, cos = rotary(x, position_ids=pos)
             sin = -sin if inverse else sin
@@ -88,8 +88,8 @@ class DenseReference:
         key = key.repeat_interleave(groups, 1).float()
         value = value.repeat_interleave(groups, 1).float()
         q = query.float()
-        i = torch.arange(n_k - n_q, n_k)[:, None]
-        j = torch.arange(n_k)[None, :]
+        i = torch.arange(n_k - n_q, n_k, device=query.device)[:, None]
+        j = torch.arange(n_k, device=query.device)[None, :]
         dist = i - j
 
         def cap(x):
