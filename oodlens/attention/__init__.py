@@ -18,7 +18,7 @@ with ``E_p[logit]`` from oodlens' CPU kernel, or ``scale · <q, Σ_j p_j k_j>`` 
 keys appended to the values, so the full score matrix is never formed.
 """
 
-from .blockwise import DEFAULT_BLOCK
+from .blockwise import DEFAULT_BLOCK, plain_block
 from .interface import ATTENTION_NAME, Binding, bind, binding_of, register, unbind
 from .kernels import explicit_logits, fused_kernel_works, run_segment
 from .plan import (
@@ -42,6 +42,7 @@ __all__ = [
     "fixed",
     "ATTENTION_NAME",
     "DEFAULT_BLOCK",
+    "plain_block",
     "AttentionObserver",
     "Binding",
     "BlockStats",

@@ -31,7 +31,9 @@ class RowGroup:
 
     ``q_pos``/``k_pos`` are real positions (0 = first real token); the model rotated each query and key at its
     real position plus ``rotation_offset`` (the row's padding, or its ``position_ids`` offset). ``moved_keys``
-    holds the keys at the plan's key position map, made once per layer call.
+    holds the keys at the plan's key position map, made once per layer call. ``q_host``/``k_host`` are the
+    positions on the host: every segment boundary is computed from them, so that on a GPU a block costs no
+    synchronisation (one copy per layer call instead of several reads back per block).
     """
 
     query: torch.Tensor
@@ -42,11 +44,22 @@ class RowGroup:
     rotation_offset: int
     moved_keys: torch.Tensor | None = field(default=None)
     unrotated_keys: torch.Tensor | None = field(default=None)
+    q_host: torch.Tensor = field(init=False)
+    k_host: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.q_host, self.k_host = self.q_pos.cpu(), self.k_pos.cpu()
 
 
 DEFAULT_BLOCK = 1024
+CUDA_BLOCK = 2048  # on a GPU fewer, larger blocks: each costs kernel launches, not memory that matters
 OBSERVED_BLOCK = 512
 MATH_BLOCK = 128
+
+
+def plain_block(device_type: str) -> int:
+    """Query rows per block of an unobserved call on ``device_type`` ("cpu", "cuda", …)."""
+    return CUDA_BLOCK if device_type == "cuda" else DEFAULT_BLOCK
 
 
 def _moved(
@@ -59,21 +72,21 @@ def _moved(
     return plan.rotary.move(x, rotated_at, to(pos))
 
 
-def _index(positions: torch.Tensor, value: int) -> int:
-    """How many of the sorted ``positions`` are below ``value``."""
-    return int(torch.searchsorted(positions, torch.tensor(value, device=positions.device)))
+def _index(host_positions: torch.Tensor, value: int) -> int:
+    """How many of the sorted host positions are below ``value``."""
+    return int(torch.searchsorted(host_positions, torch.tensor(value)))
 
 
-def _rows_with(mask: torch.Tensor) -> slice:
-    rows = mask.any(-1).nonzero()
-    return slice(int(rows[0]), int(rows[-1]) + 1)
+def _rows_before(q_host: torch.Tensor, value: int) -> int:
+    """How many of a block's (sorted) query positions are below ``value``."""
+    return _index(q_host, value)
 
 
 def _diagonal(group: RowGroup, start: int, stop: int, window: int | None) -> tuple[Segment, int]:
     """The keys at the block's own positions (a query always sees itself), and where they begin."""
     q = group.query[:, :, start:stop]
-    q_pos, k_pos = group.q_pos[start:stop], group.k_pos
-    d_lo, d_hi = _index(k_pos, int(q_pos[0])), _index(k_pos, int(q_pos[-1]) + 1)
+    q_pos, k_pos, q_host = group.q_pos[start:stop], group.k_pos, group.q_host[start:stop]
+    d_lo, d_hi = _index(group.k_host, int(q_host[0])), _index(group.k_host, int(q_host[-1]) + 1)
     keys, values = group.key[:, :, d_lo:d_hi], group.value[:, :, d_lo:d_hi]
     if d_hi - d_lo == stop - start and (window is None or window >= stop - start):
         return Segment(slice(0, stop - start), q, keys, values, "causal", slice(d_lo, d_hi)), d_lo
@@ -88,33 +101,37 @@ def _band_segments(plan: LayerPlan, group: RowGroup, start: int, stop: int) -> l
     diagonal first, so every row's log-sum-exp is finite from the start."""
     q = group.query[:, :, start:stop]
     q_pos, k_pos = group.q_pos[start:stop], group.k_pos
-    first, last = int(q_pos[0]), int(q_pos[-1])
+    q_host, k_host = group.q_host[start:stop], group.k_host
+    first, last = int(q_host[0]), int(q_host[-1])
     window, every = plan.window, slice(0, stop - start)
     diagonal, d_lo = _diagonal(group, start, stop, window)
     segments = [diagonal]
-    lo = 0 if window is None else _index(k_pos, first - window + 1)  # keys ≥ lo are local for the first row
-    mid = 0 if window is None else max(_index(k_pos, last - window + 1), lo)  # ≥ mid: local for every row
+    lo = 0 if window is None else _index(k_host, first - window + 1)  # keys ≥ lo are local for the first row
+    mid = 0 if window is None else max(_index(k_host, last - window + 1), lo)  # ≥ mid: local for every row
     if d_lo > mid:
         keys = slice(mid, d_lo)
         segments.append(Segment(every, q, group.key[:, :, keys], group.value[:, :, keys], None, keys))
     if min(mid, d_lo) > lo:
         keys = slice(lo, min(mid, d_lo))
         mask = k_pos[keys][None] > q_pos[:, None] - window
-        rows = _rows_with(mask)
+        # a key is local while q < k + window: the rows that see any are a prefix (positions are sorted)
+        rows = slice(0, _rows_before(q_host, int(k_host[keys.stop - 1]) + window))
         segments.append(
             Segment(rows, q[:, :, rows], group.key[:, :, keys], group.value[:, :, keys], mask[rows], keys)
         )
     if window is None or plan.n_global <= 0:
         return segments
-    far_hi = min(_index(k_pos, plan.n_global) if plan.n_global < last + 1 else len(k_pos), mid)
+    far_hi = min(_index(k_host, plan.n_global) if plan.n_global < last + 1 else len(k_host), mid)
     far_keys = group.key if group.moved_keys is None else group.moved_keys
     for keys in (slice(0, min(far_hi, lo)), slice(lo, far_hi)):  # far for every row, then the triangle
         if keys.stop <= keys.start:
             continue
         mask = k_pos[keys][None] <= q_pos[:, None] - window
-        rows = _rows_with(mask)
+        # a key is far once q ≥ k + window: the rows that see any are a suffix, all of them from the row
+        # where the last key is far
+        rows = slice(_rows_before(q_host, int(k_host[keys.start]) + window), stop - start)
         far_q = _moved(plan, group, q[:, :, rows], q_pos[rows], plan.far_query)
-        full = bool(mask[rows].all())
+        full = int(q_host[rows.start]) >= int(k_host[keys.stop - 1]) + window
         segment = Segment(
             rows, far_q, far_keys[:, :, keys], group.value[:, :, keys], None if full else mask[rows], keys
         )
@@ -127,11 +144,11 @@ def _chunk_segments(plan: LayerPlan, group: RowGroup, start: int, stop: int) -> 
     chunk at true positions, the previous chunk and the older chunks with their query positions; every key
     at ``j mod chunk``."""
     q = group.query[:, :, start:stop]
-    q_pos, k_pos = group.q_pos[start:stop], group.k_pos
+    q_pos = group.q_pos[start:stop]
     chunk, every = plan.chunk.chunk, slice(0, stop - start)
-    begins = int(q_pos[0]) // chunk * chunk
+    begins = int(group.q_host[start]) // chunk * chunk
     diagonal, d_lo = _diagonal(group, start, stop, None)
-    own, previous = _index(k_pos, begins), _index(k_pos, begins - chunk)
+    own, previous = _index(group.k_host, begins), _index(group.k_host, begins - chunk)
     segments = [diagonal]
     if d_lo > own:
         keys = slice(own, d_lo)
@@ -157,14 +174,14 @@ def _top_k_partial(
     want_mean: bool,
 ) -> tuple[slice, Partial] | None:
     """Each head's ``top_k`` highest-logit middle keys (not global, not local), seen at ``top_k_distance``."""
-    q_pos = group.q_pos[start:stop]
-    k_pos = group.k_pos
-    middle_lo = _index(k_pos, plan.n_global)
-    middle_hi = _index(k_pos, int(q_pos[-1]) - plan.window + 1)
+    q_pos, q_host = group.q_pos[start:stop], group.q_host[start:stop]
+    k_pos, k_host = group.k_pos, group.k_host
+    middle_lo = _index(k_host, plan.n_global)
+    middle_hi = _index(k_host, int(q_host[-1]) - plan.window + 1)
     if middle_hi <= middle_lo:
         return None
     valid = k_pos[middle_lo:middle_hi][None] <= q_pos[:, None] - plan.window
-    r0 = int(valid.any(-1).nonzero()[0])
+    r0 = _rows_before(q_host, int(k_host[middle_lo]) + plan.window)  # the first row with a middle key
     q = _moved(plan, group, group.query[:, :, start + r0 : stop], q_pos[r0:], fixed(plan.top_k_distance))
     keys = group.unrotated_keys[:, :, middle_lo:middle_hi]
     logits = explicit_logits(q, keys, scale, softcap).masked_fill(~valid[r0:], NEG_INF)
@@ -186,7 +203,7 @@ def _top_k_partial(
 def _prepare(plan: LayerPlan, group: RowGroup) -> None:
     """Per layer call: scale the queries, and move the keys that far or chunk segments see elsewhere."""
     if plan.query_scale is not None:
-        n_tokens = int(group.k_pos[-1]) + 1
+        n_tokens = int(group.k_host[-1]) + 1
         factors = plan.query_scale.factors(group.q_pos, n_tokens).to(group.query.device, group.query.dtype)
         group.query = group.query * factors[:, None]
     if plan.chunk is not None:
@@ -203,7 +220,7 @@ def _blocks(plan: LayerPlan, group: RowGroup, block_size: int) -> list[tuple[int
     n_queries = group.query.shape[2]
     cuts = set(range(0, n_queries, block_size))
     if plan.chunk is not None:
-        chunk_of = torch.div(group.q_pos, plan.chunk.chunk, rounding_mode="floor")
+        chunk_of = torch.div(group.q_host, plan.chunk.chunk, rounding_mode="floor")
         cuts |= set((torch.nonzero(chunk_of[1:] != chunk_of[:-1]).squeeze(-1) + 1).tolist())
     edges = sorted(cuts | {n_queries})
     return list(zip(edges[:-1], edges[1:], strict=True))
@@ -228,7 +245,7 @@ def attend_group(
         elif observer is not None:
             block_size = OBSERVED_BLOCK
         else:  # one fused call covers plain causal attention; the other plans need blocks
-            block_size = n_queries if plan.is_vanilla else DEFAULT_BLOCK
+            block_size = n_queries if plan.is_vanilla else plain_block(group.query.device.type)
     for bound in (plan.window, plan.chunk.chunk if plan.chunk is not None else None):
         if bound is not None:
             block_size = min(block_size, bound)
@@ -287,24 +304,26 @@ def _observe(
     row, the full logit rows of the rows it samples and every row's mass on the first ``n_global`` keys, both
     rebuilt from the block's segments (top-k middle keys, where a plan has them, are left out of both)."""
     positions = group.q_pos[start:stop]
-    rows = observer.select_queries(positions)
+    device = acc.lse.device
+    rows_host = observer.select_queries(group.q_host[start:stop])  # chosen on the host: no read-back
+    rows = rows_host.to(device)
     batch, heads = acc.lse.shape[:2]
     sampled_logits = sampled_distances = None
-    if rows.numel():
-        sampled_logits = torch.full(
-            (batch, heads, rows.numel(), group.key.shape[2]), NEG_INF, device=acc.lse.device
-        )
+    if rows_host.numel():
+        shape = (batch, heads, rows_host.numel(), group.key.shape[2])
+        sampled_logits = torch.full(shape, NEG_INF, device=device)
         for seg in segments:
-            inside = (rows >= seg.rows.start) & (rows < seg.rows.stop)
+            inside = (rows_host >= seg.rows.start) & (rows_host < seg.rows.stop)
             if inside.any():
-                logits = _segment_logits(seg, rows[inside], seg.key_index, scale, softcap)
-                where = (slice(None), slice(None), inside.nonzero().squeeze(-1), seg.key_index)
+                picked = inside.nonzero().squeeze(-1)
+                logits = _segment_logits(seg, rows_host[picked].to(device), seg.key_index, scale, softcap)
+                where = (slice(None), slice(None), picked.to(device), seg.key_index)
                 # segments share key ranges (a triangle's keys are far keys for other rows): keep what is set
                 sampled_logits[where] = torch.where(torch.isfinite(logits), logits, sampled_logits[where])
         sampled_distances = positions[rows][:, None] - group.k_pos[None]
     sink = None
     if observer.n_global > 0:
-        n_sink = _index(group.k_pos, observer.n_global)
+        n_sink = _index(group.k_host, observer.n_global)
         sink = torch.zeros_like(acc.lse)
         for seg in segments:
             keys = slice(seg.key_index.start, min(seg.key_index.stop, n_sink))

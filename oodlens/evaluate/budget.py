@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..attention import DEFAULT_BLOCK
+from ..attention import plain_block
 from ..errors import OodlensError
 from ..models import ModelInfo
 from ..policies import Policy
@@ -35,7 +35,7 @@ def estimate_forward_memory(
     Sum of: runtime overhead; weights; a full key/value cache (kept by generation; a windowed policy's bounded
     cache holds ``n_global + window`` tokens); activations of one layer (residual stream, projections, gated
     MLP, the engine's float32 accumulator); the chunked output head (``chunk × vocab`` float32 logits and
-    their softmax); and, for top-k policies, the engine's ``[heads, 1024, length]`` float32 selection logits.
+    their softmax); and, for top-k policies, the engine's ``[heads, block, length]`` float32 selection logits.
     Meant to be within about 2× of the truth (see docs/evaluate.md for the calibration); monotone in length.
     """
     for label, value in (("length", length), ("batch", batch), ("chunk", chunk)):
@@ -55,7 +55,8 @@ def estimate_forward_memory(
     output_head = 2 * batch * min(chunk, length) * info.vocab_size * 4
     top_k = 0
     if resolved is not None and resolved.top_k > 0:
-        top_k = 2 * batch * info.n_heads * min(DEFAULT_BLOCK, length) * length * 4
+        block = plain_block(str(info.device).split(":")[0])
+        top_k = 2 * batch * info.n_heads * min(block, length) * length * 4
     weights = _parameter_count(info) * dtype_bytes
     return RUNTIME_OVERHEAD_BYTES + weights + kv_cache + activations + output_head + top_k
 
