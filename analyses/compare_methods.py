@@ -59,7 +59,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--length", type=int, default=None, help="perplexity window (default 4 L)")
     parser.add_argument("--capture-length", type=int, default=None, help="factor capture (default 2 L)")
     parser.add_argument("--passkey-lengths", default=None, help="comma-separated (default 1.5 L, 2 L)")
-    parser.add_argument("--passkey-depths", default="0.25,0.75", help="comma-separated needle depths")
+    parser.add_argument("--passkey-depths", default="0.5", help="comma-separated needle depths")
     parser.add_argument("--bucket", type=int, default=None, help="perplexity bucket (default L / 8)")
 
 

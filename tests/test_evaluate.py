@@ -91,7 +91,7 @@ def test_buckets_cover_every_scored_token_once(llama):
         assert pooled == pytest.approx(result.mean_nll(rows.method.iloc[0]), rel=1e-6)
     summary = result.summary()
     assert json.loads(json.dumps(summary)) == summary
-    assert set(summary["methods"]["vanilla"]["buckets"][0]) == {"start", "end", "ppl"}
+    assert set(summary["methods"]["vanilla"]["buckets"][0]) == {"start", "end", "ppl", "ppl_low", "ppl_high"}
     assert summary["methods"]["vanilla"]["ppl_beyond_train_length"] is None  # 50 < 64 positions
 
 

@@ -41,7 +41,7 @@ def test_summary_schema(probe_folder):
         block = summary["methods"][name]
         buckets = block["perplexity_by_position"]
         assert buckets[0]["start"] == 0 and buckets[-1]["end"] == 400
-        assert all(set(b) == {"start", "end", "ppl"} for b in buckets)
+        assert all(set(b) == {"start", "end", "ppl", "ppl_low", "ppl_high"} for b in buckets)
         for key in ("max_logit_within", "max_logit_beyond", "entropy_within", "entropy_beyond"):
             assert isinstance(block["diagnosis"][key], float)
         assert set(block["passkey"]) == {"400"}

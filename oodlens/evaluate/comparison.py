@@ -125,7 +125,7 @@ def factors_of(diagnosis: Diagnosis) -> dict[str, float | None]:
     }
 
 
-@dataclass
+@dataclass(repr=False)
 class MethodComparison(Displayed):
     """The measurements of a comparison: ``methods`` maps each method's name to :func:`measure_method`'s
     dict (``"vanilla"`` among them for the repair map), ``baseline`` is :func:`measure_baseline`'s,

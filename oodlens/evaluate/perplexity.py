@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -108,7 +108,9 @@ class PerplexityResult(Displayed):
         if windows is None or end <= start:
             ppl = self.ppl(method, start, end)
             return Estimate(ppl, math.nan, math.nan, self.n_windows, "bootstrap-windows")
-        return Estimate.perplexity(windows[:, start:end].astype(np.float64).mean(axis=1))
+        interval = Estimate.perplexity(windows[:, start:end].astype(np.float64).mean(axis=1))
+        # the value is the one ppl() gives everywhere else; the interval comes from resampled windows
+        return replace(interval, value=self.ppl(method, start, end))
 
     def to_dataframe(self) -> pd.DataFrame:
         rows = []

@@ -210,6 +210,8 @@ def with_interval(estimate: Estimate) -> str:
 
 def _held(ratio: float, difference: str, n_windows: int) -> str:
     """Whether the fix held, worded only as strongly as the interval over windows allows."""
+    if math.isnan(ratio):
+        return "no ratio to tell (a perplexity overflowed)"
     if ratio <= HELD_RATIO:
         return "the fix held"
     if difference == "higher":

@@ -280,7 +280,7 @@ def _generation(
     return generation_quality(
         loaded.model,
         loaded.tokenizer,
-        windows[:1],
+        windows,
         policies,
         milestones=cfg.milestones,
         new_tokens=cfg.new_tokens,
