@@ -572,3 +572,37 @@ def test_repair_map_colours_the_distance_from_one_either_way():
     texts = sorted(t.get_text() for t in ax.texts)
     assert texts == ["0.125×", "0/4", "4/4", "8×"]
     plt.close(fig)
+
+
+def test_repair_map_shows_nothing_retrieved_and_an_overflow_as_the_farthest():
+    frame = pd.DataFrame(
+        {
+            "method": ["vanilla", "vanilla"],
+            "quantity": ["perplexity", "retrieval"],
+            "ratio": [float("inf"), 0.0],
+            "label": [None, "0/2"],
+        }
+    )
+    fig = plotting.plot_repair_map(frame)
+    shades = fig.axes[0].images[0].get_array()
+    assert not np.ma.is_masked(shades[0, 1]) and shades[0, 1] == pytest.approx(np.log(8))
+    assert shades[0, 0] == pytest.approx(np.log(8))
+    assert "0/2" in [t.get_text() for t in fig.axes[0].texts]
+    plt.close(fig)
+
+
+def test_a_log_axis_over_many_decades_keeps_its_tick_labels():
+    # 11 methods, perplexity from 3 to 13,000: matplotlib's 1-2-5 locator drops every tick on such an axis
+    positions = np.arange(0, 4096, 128)
+    rows = [
+        {"method": f"m{k}", "start": p, "end": p + 128, "nll": np.log(3.0) + k * np.log(13000 / 3) / 10,
+         "n_tokens": 128}
+        for k in range(11)
+        for p in positions
+    ]  # fmt: skip
+    fig, ax = plt.subplots(figsize=(3.4, 1.2))  # a short panel, as in a grid of figures
+    plotting.plot_perplexity_by_position(pd.DataFrame(rows), 1024, ax=ax)
+    fig.canvas.draw()
+    labels = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
+    assert {"10", "100", "1000", "10k"} <= set(labels)
+    plt.close(fig)

@@ -254,7 +254,11 @@ def finish_axes(
         ax.set_xscale("log", nonpositive="mask")
     if logy:
         ax.set_yscale("log", nonpositive="mask")
-        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        low, high = ax.get_ylim()
+        # 1-2-5 ticks over up to two decades; past that decades only (matplotlib drops 1-2-5 ticks altogether
+        # on a short axis over many decades), never fewer than it can fit
+        subs = (1.0, 2.0, 5.0) if high <= 100 * low else (1.0,)
+        ax.yaxis.set_major_locator(LogLocator(subs=subs, numticks=15))
         ax.yaxis.set_major_formatter(NUMBER_FORMATTER)
         ax.yaxis.set_minor_formatter(NullFormatter())
     ax.xaxis.set_major_formatter(TOKENS_FORMATTER)

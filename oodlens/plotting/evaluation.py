@@ -23,7 +23,7 @@ from .base import (
     new_axes,
     run_frames,
 )
-from .style import method_rank, method_style, styled
+from .style import PANEL_SIZE, method_rank, method_style, styled
 
 # ------------------------------------------------------------------------------------------ evaluation
 
@@ -53,7 +53,10 @@ def plot_perplexity_by_position(
     pooled["mean"] = np.exp(pooled["weighted"] / pooled["n_tokens"])
     pooled["low"] = pooled.get("ppl_low", pooled["mean"]).fillna(pooled["mean"])
     pooled["high"] = pooled.get("ppl_high", pooled["mean"]).fillna(pooled["mean"])
-    fig, (panel_ax,) = new_axes(ax)
+    n_series = pooled["series"].nunique()
+    # many methods: a taller figure, so the legend below does not take the plot's place
+    size = {"figsize": (PANEL_SIZE[0] * 1.4, PANEL_SIZE[1] * 1.6)} if n_series > 6 else {}
+    fig, (panel_ax,) = new_axes(ax, **size)
     sparse = pooled.groupby("series").size().max() <= 40
     draw_series(panel_ax, pooled, "position", markers=sparse)
     mark_train_length(panel_ax, train_length)
@@ -264,7 +267,8 @@ def plot_repair_map(data: Any) -> Figure:
     table = table.reindex(index=methods, columns=quantities).astype(float)
     labels = frame.set_index(["method", "quantity"])["label"] if "label" in frame else None
     with np.errstate(divide="ignore", invalid="ignore"):
-        distance = np.abs(np.log(table.to_numpy()))
+        # a ratio of 0 (nothing retrieved) or ∞ (an overflow) is as far as it gets: the darkest colour
+        distance = np.minimum(np.abs(np.log(table.to_numpy())), np.log(REPAIR_SCALE))
     fig, (ax,) = new_axes(None, figsize=(1.1 * len(quantities) + 1.8, 0.38 * len(methods) + 1.1))
     cmap = mpl.colormaps["Reds"]
     shown = np.ma.masked_invalid(np.where(np.isnan(table.to_numpy()), np.nan, distance))
