@@ -21,6 +21,18 @@ def format_number(value: Any) -> str:
     return str(value)
 
 
+def estimate_text(estimate: Mapping[str, Any] | None, *, count: bool = False) -> str:
+    """An :meth:`~oodlens.stats.Estimate.to_dict` as reports write it: ``8.19 [7.9, 8.5]`` (the interval where
+    there is one); ``count`` writes a proportion as ``correct/n [low, high]``; ``–`` for none."""
+    if not estimate:
+        return "–"
+    value, low, high, n = (estimate.get(key) for key in ("value", "low", "high", "n"))
+    text = f"{round(value * n)}/{n}" if count and value is not None else format_number(value)
+    if low is None or high is None:
+        return text
+    return f"{text} [{format_number(low)}, {format_number(high)}]"
+
+
 def short_repr(kind: str, headline: Mapping[str, Any]) -> str:
     """``Kind(key=value, …)`` with numbers to 3 significant digits."""
     return f"{kind}(" + ", ".join(f"{key}={format_number(value)}" for key, value in headline.items()) + ")"

@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from .. import plotting
-from ..display import format_number
+from ..display import estimate_text, format_number
 from ..storage import FolderWriter, folder_kind, preflight, write_folder, write_json
 from ..theory import factor_findings
 
@@ -277,7 +277,7 @@ def render_markdown(result: ProbeResult, summary: dict, figures: list[Path], roo
         diagnosis, intervals = block.get("diagnosis", {}), block.get("intervals", {})
         passkey = (
             ", ".join(
-                f"{k}: {_interval_cell(v, count=True)}" for k, v in intervals.get("passkey", {}).items()
+                f"{k}: {estimate_text(v, count=True)}" for k, v in intervals.get("passkey", {}).items()
             )
             or "–"
         )
@@ -289,8 +289,8 @@ def render_markdown(result: ProbeResult, summary: dict, figures: list[Path], roo
             or "–"
         )
         lines.append(
-            f"| {method} | {_interval_cell(intervals.get('ppl_within_train_length'))} "
-            f"| {_interval_cell(intervals.get('ppl_beyond_train_length'))} "
+            f"| {method} | {estimate_text(intervals.get('ppl_within_train_length'))} "
+            f"| {estimate_text(intervals.get('ppl_beyond_train_length'))} "
             f"| {format_number(diagnosis.get('max_logit_within'))} "
             f"| {format_number(diagnosis.get('max_logit_beyond'))} "
             f"| {format_number(diagnosis.get('entropy_within'))} "
@@ -320,18 +320,6 @@ def render_markdown(result: ProbeResult, summary: dict, figures: list[Path], roo
         "",
     ]
     return "\n".join(lines)
-
-
-def _interval_cell(estimate: dict | None, *, count: bool = False) -> str:
-    """A summary interval as a table cell: ``8.19 [7.9, 8.5]`` (the 95 % interval where there is one);
-    ``count`` writes a proportion as ``correct/n [low, high]``."""
-    if not estimate:
-        return "–"
-    value, low, high, n = (estimate.get(key) for key in ("value", "low", "high", "n"))
-    text = f"{round(value * n)}/{n}" if count and value is not None else format_number(value)
-    if low is None or high is None:
-        return text
-    return f"{text} [{format_number(low)}, {format_number(high)}]"
 
 
 def print_summary(result: ProbeResult, folder: Path) -> None:

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..capture import Diagnosis
-from ..display import Displayed, format_number
+from ..display import Displayed, estimate_text, format_number
 from ..evaluate import (
     TRUNCATED_BASELINE,
     GenerationResult,
@@ -185,7 +185,7 @@ def verdict(result: ProbeResult) -> str:
         parts.append(
             "Passkey accuracy (correct of n prompts, 95 % Wilson interval): "
             + "; ".join(
-                f"{m} " + ", ".join(f"at {k} {_proportion(e)}" for k, e in by_len.items())
+                f"{m} " + ", ".join(f"at {k} {estimate_text(e, count=True)}" for k, e in by_len.items())
                 for m, by_len in result.passkey.intervals().items()
             )
             + "."
@@ -219,12 +219,6 @@ def _held(ratio: float, difference: str, n_windows: int) -> str:
     if n_windows < 2:
         return "the fix did not fully hold in this one window (no interval: run more --windows to tell)"
     return f"higher, but within the uncertainty of {n_windows} windows"
-
-
-def _proportion(estimate: dict[str, Any]) -> str:
-    correct = round((estimate["value"] or 0) * estimate["n"])
-    low, high = (format_number(estimate[end]) for end in ("low", "high"))
-    return f"{correct}/{estimate['n']} [{low}, {high}]"
 
 
 def _fix_clause(finding: Finding, vanilla: list[Finding] | None) -> str:
