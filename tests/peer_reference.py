@@ -40,8 +40,9 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
-from transformers import AttentionInterface, AutoModelForCausalLM
-from transformers.masking_utils import AttentionMaskInterface
+from transformers import AutoModelForCausalLM
+
+from .reference import RegisteredAttention
 
 PEER_REFERENCE_NAME = "oodlens_test_peer_reference"
 # STRING's replace_with_string: cos and sin are multiplied by 0.1 ln 2 + 1, so every logit by its square.
@@ -315,7 +316,7 @@ def _interleaved_rotation(modeling, rotary) -> Callable[..., torch.Tensor]:
 # ------------------------------------------------------------------------------------------ attention
 
 
-class PeerReference:
+class PeerReference(RegisteredAttention):
     """Registers a dense attention that applies ``rule`` to every layer without a sliding window.
 
     Use as a context manager around forwards (and decoding with a full ``DynamicCache``: the rule sees the
@@ -323,18 +324,11 @@ class PeerReference:
     row of a batch is a sequence starting at position 0.
     """
 
+    name = PEER_REFERENCE_NAME
+
     def __init__(self, model, rule: Rule):
-        self.model, self.rule = model, rule
-        self.previous = model.config._attn_implementation
-
-    def __enter__(self) -> PeerReference:
-        AttentionInterface.register(PEER_REFERENCE_NAME, self.attend)
-        AttentionMaskInterface.register(PEER_REFERENCE_NAME, lambda *args, **kwargs: None)
-        self.model.set_attn_implementation(PEER_REFERENCE_NAME)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.model.set_attn_implementation(self.previous)
+        super().__init__(model)
+        self.rule = rule
 
     def attend(
         self,

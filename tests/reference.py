@@ -47,7 +47,27 @@ def model_rotation(model, attention):
     return rotate
 
 
-class DenseReference:
+class RegisteredAttention:
+    """Makes ``self.attend`` the model's attention (registered under ``name``, without a mask function) inside
+    a ``with`` block, and puts the model's own implementation back on exit."""
+
+    name: str
+
+    def __init__(self, model):
+        self.model = model
+        self.previous = model.config._attn_implementation
+
+    def __enter__(self):
+        AttentionInterface.register(self.name, self.attend)
+        AttentionMaskInterface.register(self.name, lambda *a, **k: None)
+        self.model.set_attn_implementation(self.name)
+        return self
+
+    def __exit__(self, *exc):
+        self.model.set_attn_implementation(self.previous)
+
+
+class DenseReference(RegisteredAttention):
     """Registers a dense attention that implements a policy's semantics by hand.
 
     Semantics: query i attends key j iff j ≤ i and (i − j < window or j < n_global); local keys use the
@@ -55,20 +75,12 @@ class DenseReference:
     each head adds its k best middle keys seen at ``distance_limit // 2`` (layers ≥ ``top_k_from_layer``).
     """
 
+    name = REFERENCE_NAME
+
     def __init__(self, model, window=None, n_global=0, distance_limit=None, top_k=0, top_k_from_layer=0):
-        self.model = model
+        super().__init__(model)
         self.window, self.n_global, self.limit = window, n_global, distance_limit
         self.top_k, self.top_k_from_layer = top_k, top_k_from_layer
-        self.previous = model.config._attn_implementation
-
-    def __enter__(self):
-        AttentionInterface.register(REFERENCE_NAME, self.attend)
-        AttentionMaskInterface.register(REFERENCE_NAME, lambda *a, **k: None)
-        self.model.set_attn_implementation(REFERENCE_NAME)
-        return self
-
-    def __exit__(self, *exc):
-        self.model.set_attn_implementation(self.previous)
 
     def attend(
         self,

@@ -318,7 +318,7 @@ def _passkey(
     )
     counts: dict[str, dict[str, list[int]]] = {}
     for row in result.accuracy().itertuples():
-        counts.setdefault(row.method, {})[str(row.length)] = [int(round(row.accuracy * row.n)), int(row.n)]
+        counts.setdefault(row.method, {})[str(row.length)] = [int(row.correct), int(row.n)]
     return counts
 
 

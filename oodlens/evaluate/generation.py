@@ -115,6 +115,29 @@ def greedy_jobs(
     return [answers[key] for key in keys]
 
 
+def answer_prompt(
+    model: PreTrainedModel,
+    tokenizer: Any,
+    methods: Sequence[Method],
+    prompt: torch.LongTensor,
+    prefix: SharedPrefix | None,
+    max_new_tokens: int,
+    train_length: int,
+    answers: dict[tuple, torch.LongTensor],
+) -> list[tuple[Method, int, str]]:
+    """Each method's greedy answer to ``prompt [T]`` as ``(method, prompt tokens it saw, text)``: the
+    truncated baseline sees only the last ``train_length`` tokens (the question stays), every other method
+    all of them (see :func:`greedy_jobs` for ``prefix`` and ``answers``)."""
+    jobs = [(method, prompt[-train_length:] if method.truncated else prompt) for method in methods]
+    outputs = greedy_jobs(
+        model, jobs, prompt, prefix, max_new_tokens, pad_token_id_of(tokenizer), train_length, answers
+    )
+    return [
+        (method, ids.numel(), tokenizer.decode(new_ids, skip_special_tokens=True))
+        for (method, ids), new_ids in zip(jobs, outputs, strict=True)
+    ]
+
+
 def pad_token_id_of(tokenizer: Any) -> int | None:
     """The id generation pads with: the tokenizer's pad token, else its end-of-sequence token."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -164,10 +187,11 @@ class PasskeyResult(Displayed):
         return pd.DataFrame(self.rows, columns=columns)
 
     def accuracy(self, by_depth: bool = False) -> pd.DataFrame:
-        """Accuracy (fraction correct) and sample count ``n`` by (method, length[, depth])."""
+        """Accuracy (fraction correct), prompts answered right (``correct``) and sample count ``n`` by
+        (method, length[, depth])."""
         keys = ["method", "length", "depth"] if by_depth else ["method", "length"]
         table = self.to_dataframe().groupby(keys, sort=False)["correct"]
-        return table.agg(accuracy="mean", n="size").reset_index()
+        return table.agg(accuracy="mean", correct="sum", n="size").reset_index()
 
     def summary(self) -> dict[str, dict[str, float]]:
         """``{method: {str(length): accuracy}}``."""
@@ -181,7 +205,7 @@ class PasskeyResult(Displayed):
         with the 95 % Wilson interval and n, as :meth:`Estimate.to_dict`."""
         out: dict[str, dict[str, dict[str, Any]]] = {}
         for row in self.accuracy().itertuples():
-            estimate = Estimate.proportion(int(round(row.accuracy * row.n)), int(row.n))
+            estimate = Estimate.proportion(int(row.correct), int(row.n))
             out.setdefault(row.method, {})[str(row.length)] = estimate.to_dict()
         return out
 
@@ -226,20 +250,16 @@ def passkey_retrieval(
     }
     result = PasskeyResult()
     answers: dict[tuple, torch.LongTensor] = {}
-    pad_token_id = pad_token_id_of(tokenizer)
     with inference(model), progress_bar(len(methods) * len(cells), progress, "prompt", "passkey") as bar:
         for (length, depth, sample), prompt in prompts.items():
-            full = prompt.input_ids
-            jobs = [(method, full[-train_length:] if method.truncated else full) for method in methods]
             prefix = SharedPrefix(model, train_length) if share_prefix else None
-            outputs = greedy_jobs(
-                model, jobs, full, prefix, max_new_tokens, pad_token_id, train_length, answers
+            replies = answer_prompt(
+                model, tokenizer, methods, prompt.input_ids, prefix, max_new_tokens, train_length, answers
             )
-            for (method, ids), new_ids in zip(jobs, outputs, strict=True):
-                generated = tokenizer.decode(new_ids, skip_special_tokens=True)
+            for method, seen, generated in replies:
                 result.rows.append(dict(
                     method=method.name, length=length, depth=depth, sample=sample, passkey=prompt.passkey,
-                    prompt_tokens=len(ids), generated=generated,
+                    prompt_tokens=seen, generated=generated,
                     correct=passkey_correct(generated, prompt.passkey),
                 ))  # fmt: skip
                 bar.update()

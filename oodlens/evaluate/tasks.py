@@ -23,7 +23,7 @@ from ..models import train_length_of
 from ..policies import Policy
 from ..stats import Estimate
 from ..tasks import generate, score
-from .generation import greedy_jobs, pad_token_id_of
+from .generation import answer_prompt
 from .prefix import SharedPrefix
 from .scoring import inference, methods_of, progress_bar
 
@@ -109,7 +109,6 @@ def task_accuracy(
         raise OodlensError("task_accuracy needs at least one task and one length")
     methods = methods_of(policies, truncated_baseline)
     vanilla_until = min(method.policy.vanilla_prefix(train_length) for method in methods)
-    pad_token_id = pad_token_id_of(tokenizer)
     prompts = {
         (task, length): generate(task, tokenizer, length, n_samples, seed, corpus)
         for task in tasks
@@ -123,21 +122,19 @@ def task_accuracy(
             base = SharedPrefix(model, train_length)
             for sample in sorted(samples, key=lambda s: (s.depth is None, s.depth or 0.0)):
                 full = torch.tensor(sample.input_ids, dtype=torch.long)
-                jobs = [(m, full[-train_length:] if m.truncated else full) for m in methods]
                 prefix = None
                 if share_prefix:
                     shared = min(sample.shared_prefix_tokens, vanilla_until, full.numel() - 1)
                     if shared > 0:
                         base.reach(full, shared)
                     prefix = base.fork()
-                outputs = greedy_jobs(
-                    model, jobs, full, prefix, sample.max_new_tokens, pad_token_id, train_length, answers
+                replies = answer_prompt(
+                    model, tokenizer, methods, full, prefix, sample.max_new_tokens, train_length, answers
                 )
-                for (method, ids), new_ids in zip(jobs, outputs, strict=True):
-                    generated = tokenizer.decode(new_ids, skip_special_tokens=True)
+                for method, seen, generated in replies:
                     result.rows.append(dict(
                         method=method.name, task=task, length=length, sample=sample.index, depth=sample.depth,
-                        score=score(task, generated, sample.answers), prompt_tokens=len(ids),
+                        score=score(task, generated, sample.answers), prompt_tokens=seen,
                         generated=generated, answers=list(sample.answers),
                     ))  # fmt: skip
                     bar.update()
