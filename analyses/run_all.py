@@ -5,8 +5,8 @@ Results come from the cache in figures/cache/ when present; with --recompute eve
 figure scripts run ``--jobs`` at a time (default: 2 where there are at least 2 cores), one thread each: on 2
 cores two 1-thread jobs get as much done as one 2-thread job at a time, or up to 14 % more, depending on
 the machine, and keep both cores busy through each script's single-threaded stretches. The efficiency
-benchmark and the method comparison measure speed, so they run last, alone, on every core (the comparison
-adds about 2 hours from an empty cache).
+benchmark, the method comparison and the million-token stream measure speed or memory, so they run last,
+alone, on every core (from an empty cache the comparison adds about 2 hours, the stream about 3 h 20 min).
 
     python analyses/run_all.py            # SmolLM2 → figures/
     python analyses/run_all.py --jobs 1   # one script at a time
@@ -35,7 +35,7 @@ FIGURE_SCRIPTS = (
     "fig1_three_factors",
     "table3_generation",
 )
-TIMED_ALONE = ("efficiency", "compare_methods")  # they report time: one after the other, on every core
+TIMED_ALONE = ("efficiency", "compare_methods", "streaming_1m")  # time or memory: one by one, every core
 SCRIPTS = (*FIGURE_SCRIPTS, *TIMED_ALONE)
 
 

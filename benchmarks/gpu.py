@@ -5,9 +5,12 @@ Cases, each timed after a warm-up on the same shapes (CUDA synchronised, peak me
 0. ``kernels``: the fused CUDA kernels' self-check against the float32 reference, per dtype; ``policies``:
    every policy by name on tiny models of four families (GQA, partial rotary, soft-capping) on CUDA, float32
    against the CPU engine (which the test suite holds against dense references) and bfloat16 against float32.
-1. ``one-layer``: one attention layer of Llama-2-7B's shape (32 heads × 128, bf16, a minimal MLP) with
-   ``n_global=10``, window and distance limit 4096, 8k–128k; the same shape as the official LM-Infinite
-   kernel's H200 anchors (docs/results.md). ``one-layer-gqa``: Llama-3-8B's (32 query / 8 key-value heads).
+1. ``attention``: the attention call alone, as the FlexAttention and official-kernel anchors of
+   ../shared/FACTS.md §4 are timed: Llama-2-7B's shape (32 heads × 128) and Llama-3-8B's (32 / 8 GQA), bf16,
+   LM-Infinite with ``n_global=10`` and window 4096, 8k–128k: flash SDPA (full causal) against the engine's
+   fused path and its segment path, side by side.
+   ``one-layer``: one attention layer of Llama-2-7B's shape (a minimal MLP, projections included) with
+   ``n_global=10``, window and distance limit 4096, 8k–128k. ``one-layer-gqa``: Llama-3-8B's.
 2. ``smollm2``: SmolLM2-135M's shape (30 layers, 9 query / 3 key-value heads, bf16), window 8192, one
    prefill forward from 8k to 128k tokens.
 3. ``llama-2-7b``: Llama-2-7B's shape (bf16), window 4096, prefill at 8k–32k.
@@ -32,6 +35,8 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import oodlens
+from oodlens.attention import binding_of, flex, fused_attention
+from oodlens.attention.blockwise import RowGroup, attend_group
 from oodlens.evaluate import decode_speed
 from oodlens.policies import POLICIES, apply_policy, lm_infinite, native_or_policy, policy_by_name, vanilla
 from oodlens.tiny import tiny_model
@@ -93,12 +98,18 @@ def timed(run: Callable[[], object]) -> tuple[float, float]:
     return seconds, (torch.cuda.max_memory_allocated() - base) / 2**30
 
 
+ENGINE_PATHS = {"lm-infinite": "auto", "lm-infinite-segments": "never"}  # fused (FlexAttention) / segments
+
+
 def prefill(model, length: int, method: str, train_length: int) -> dict:
-    """One forward of ``length`` random tokens, ``vanilla`` as loaded (flash SDPA on the GPU) or ``method``
-    through the engine; returns time and extra peak memory."""
+    """One forward of ``length`` random tokens, ``vanilla`` as loaded (flash SDPA on the GPU) or LM-Infinite
+    through the engine's fused path or its segment path; returns time and extra peak memory."""
     ids = torch.randint(0, model.config.vocab_size, (1, length), device="cuda")
-    with torch.no_grad(), native_or_policy(model, method, train_length):
-        model(ids[:, : min(length, 2048)], use_cache=False, logits_to_keep=1)  # warm-up
+    policy = method.removesuffix("-segments")
+    with torch.no_grad(), native_or_policy(model, policy, train_length), fused_attention(
+        ENGINE_PATHS.get(method, "auto")
+    ):
+        model(ids, use_cache=False, logits_to_keep=1)  # warm-up at this length: the fused path compiles
         seconds, peak = timed(lambda: model(ids, use_cache=False, logits_to_keep=1))
     return {"method": method, "length": length, "seconds": seconds, "peak_gib": peak}
 
@@ -106,7 +117,7 @@ def prefill(model, length: int, method: str, train_length: int) -> dict:
 def compare(model, lengths: list[int], train_length: int, label: str) -> list[dict]:
     rows = []
     for length in lengths:
-        pair = {m: prefill(model, length, m, train_length) for m in ("vanilla", "lm-infinite")}
+        pair = {m: prefill(model, length, m, train_length) for m in ("vanilla", *ENGINE_PATHS)}
         for row in pair.values():
             row |= {"model": label, "ms_per_token": 1000 * row["seconds"] / length}
             row["time_ratio"] = row["seconds"] / pair["vanilla"]["seconds"]
@@ -119,6 +130,74 @@ def compare(model, lengths: list[int], train_length: int, label: str) -> list[di
                 flush=True,
             )
         torch.cuda.empty_cache()
+    return rows
+
+
+def attention_only(lengths: list[int], kv_heads: int, repeats: int = 5) -> list[dict]:
+    """The attention call alone on ``[1, 32, n, 128]`` bf16 queries: flash SDPA (full causal) against
+    LM-Infinite's plan (n_global 10, window 4096) through the engine's fused and segment paths; the fastest
+    of ``repeats`` timed runs after a warm-up (which compiles), interleaved per length."""
+    model = random_model(ONE_LAYER_SHAPE | {"num_key_value_heads": kv_heads})
+    attention = model.model.layers[0].self_attn
+    rows = []
+    with torch.no_grad(), apply_policy(model, lm_infinite(), train_length=4096):
+        plan = binding_of(attention).plan
+        for n in lengths:
+            rows += _attention_at(plan, n, kv_heads, repeats)
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _attention_at(plan, n: int, kv_heads: int, repeats: int) -> list[dict]:
+    q = torch.randn(1, 32, n, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, kv_heads, n, 128, device="cuda", dtype=torch.bfloat16) for _ in "kv")
+    positions = torch.arange(n, device="cuda")
+
+    def engine():
+        group = RowGroup(q, k, v, positions, positions, 0)
+        return attend_group(plan, group, 128**-0.5, None, None, 0, None)
+
+    def flash():
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=kv_heads != 32
+        )
+
+    host = positions.cpu()
+    band = flex._block_mask("local", plan.window, positions, positions, host, host)
+
+    def band_kernel():  # the fused path's one big kernel alone: what its other work adds shows beside it
+        return flex._flex_call(q, k, v, band, 128**-0.5)[0]
+
+    runs = {
+        "flash": (flash, "auto"),
+        "fused": (engine, "auto"),
+        "band-kernel": (band_kernel, "auto"),
+        "segments": (engine, "never"),
+    }
+    outputs = {}
+    for label, (run, mode) in runs.items():  # warm-up (compiles the fused path for this shape)
+        with fused_attention(mode):
+            outputs[label] = run().float()
+    # the two paths of the engine agree (bf16 outputs), relative to the outputs' scale
+    agreement = (outputs["fused"] - outputs["segments"]).abs().max() / outputs["segments"].abs().max()
+    del outputs
+    best: dict[str, tuple[float, float]] = {label: (float("inf"), float("inf")) for label in runs}
+    for _ in range(repeats):
+        for label, (run, mode) in runs.items():
+            with fused_attention(mode):
+                seconds, peak = timed(run)
+            best[label] = (min(best[label][0], seconds), min(best[label][1], peak))
+    rows = []
+    for label, (seconds, peak) in best.items():
+        row = {"kv_heads": kv_heads, "length": n, "path": label, "ms": 1000 * seconds, "peak_gib": peak}
+        row["fused_vs_segments"] = float(agreement)
+        row["ratio_to_flash"] = seconds / best["flash"][0]
+        rows.append(row)
+        print(
+            f"attention kv={kv_heads:2d} {n:7d} {label:9s}: {row['ms']:8.2f} ms {peak:6.2f} GiB "
+            f"x{row['ratio_to_flash']:.3f} of flash (fused vs segments {float(agreement):.1e})",
+            flush=True,
+        )
     return rows
 
 
@@ -227,7 +306,17 @@ def profile(length: int, out: Path) -> dict:
     return summary
 
 
-CASES = ("kernels", "policies", "one-layer", "one-layer-gqa", "smollm2", "llama-2-7b", "capture", "decode")
+CASES = (
+    "kernels",
+    "policies",
+    "attention",
+    "one-layer",
+    "one-layer-gqa",
+    "smollm2",
+    "llama-2-7b",
+    "capture",
+    "decode",
+)
 
 
 def main() -> None:
@@ -274,6 +363,11 @@ def main() -> None:
     if "policies" in cases:
         record("policies", policies_on_cuda)
     long = [8192, 16384, 32768, 65536, 131072]
+    if "attention" in cases:
+        record(
+            "attention",
+            lambda: attention_only(override or long, 32) + attention_only(override or long, 8),
+        )
     if "one-layer" in cases:
         record(
             "one-layer",

@@ -1,8 +1,8 @@
-"""This process's resident memory, for benchmarks: the current size, the peak, and a reset of the peak.
+"""This process's memory, for benchmarks: the current resident size, the peak, and a reset of the peak.
 
 On Linux the peak (``VmHWM``) can be reset to the current size, so a benchmark can leave model loading out
 of the peak of a forward; elsewhere the peak is ``getrusage``'s lifetime maximum and the current size is
-not known.
+not known. On a CUDA device the peak is the allocator's (``torch.cuda.max_memory_allocated``).
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import re
 import resource
 import sys
 from pathlib import Path
+
+import torch
 
 
 def reset_peak_memory() -> bool:
@@ -37,3 +39,18 @@ def resident_gib() -> tuple[float, float]:
         return int(found["VmRSS"].group(1)) / 2**20, int(found["VmHWM"].group(1)) / 2**20
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux, bytes on macOS
     return math.nan, peak / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+def reset_device_peak(device: torch.device) -> None:
+    """Start a new peak: CUDA's allocator peak on a CUDA device, else this process's resident set."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        reset_peak_memory()
+
+
+def device_peak_gib(device: torch.device) -> float:
+    """Peak memory in GiB since :func:`reset_device_peak`: allocated on a CUDA device, else resident."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resident_gib()[1]

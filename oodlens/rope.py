@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .compiling import fused_on_gpu
 from .errors import OodlensError
 from .models.anatomy import interleaved_pairs, layer_type, rotary_module
 
@@ -56,17 +57,7 @@ class RotarySpec:
         return angles.cos(), angles.sin()
 
     def _apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        dim = 2 * cos.shape[-1]
-        rot = x[..., :dim].float()
-        if self.interleaved:
-            even, odd = rot[..., 0::2], rot[..., 1::2]
-            rotated = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
-        else:
-            first, second = rot[..., : dim // 2], rot[..., dim // 2 :]
-            rotated = torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
-        if dim == x.shape[-1]:
-            return rotated.to(x.dtype)
-        return torch.cat((rotated.to(x.dtype), x[..., dim:]), dim=-1)
+        return fused_on_gpu(_rotate_pairs)(x, cos, sin, self.interleaved)
 
     def rotate(self, x: torch.Tensor, positions: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
         """Rotate ``x`` by ``sign * positions``.
@@ -122,3 +113,18 @@ def rotary_spec_for(model: nn.Module, attention: nn.Module) -> RotarySpec:
         f"cannot read rotary frequencies from {type(rotary).__name__}; "
         "please open an issue with the model name so we can support it"
     )
+
+
+def _rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """``x``'s rotary pairs turned by the angles of ``cos``/``sin`` (in float32; the rest of ``x`` kept)."""
+    dim = 2 * cos.shape[-1]
+    rot = x[..., :dim].float()
+    if interleaved:
+        even, odd = rot[..., 0::2], rot[..., 1::2]
+        rotated = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
+    else:
+        first, second = rot[..., : dim // 2], rot[..., dim // 2 :]
+        rotated = torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+    if dim == x.shape[-1]:
+        return rotated.to(x.dtype)
+    return torch.cat((rotated.to(x.dtype), x[..., dim:]), dim=-1)

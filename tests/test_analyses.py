@@ -20,6 +20,7 @@ EXPECTED = {
     "table3_generation": ["table3_generation"],
     "efficiency": ["efficiency"],
     "compare_methods": ["compare_perplexity_by_position", "compare_repair_map"],
+    "streaming_1m": ["streaming_1m"],
 }
 
 

@@ -6,12 +6,14 @@ import dataclasses
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from oodlens import evaluate
 from oodlens.errors import OodlensError
 from oodlens.evaluate import generation
+from oodlens.memory import device_peak_gib, reset_device_peak, resident_gib
 from oodlens.policies import (
     EVERY_KEY,
     POLICIES,
@@ -461,6 +463,28 @@ def test_streaming_cache_stays_constant_and_max_tokens_stops_an_endless_stream(l
     )
     assert (short.n_tokens, longer.n_tokens) == (100, 400)
     assert short.peak_cache_tokens == longer.peak_cache_tokens == 22
+
+
+def test_streaming_keeps_each_buckets_peak_memory_and_time(llama):
+    result = evaluate.streaming_perplexity(
+        llama.model, _ids((400,)), STREAM_POLICY, train_length=64, chunk=20, bucket=100, progress=False
+    )
+    frame = result.to_dataframe()
+    assert frame.start.tolist() == [0, 100, 200, 300]
+    resident = resident_gib()[0]
+    assert np.isfinite(result.peak_memory_gib).all() and (result.peak_memory_gib > 0.5 * resident).all()
+    assert (result.bucket_seconds > 0).all() and result.bucket_seconds.sum() <= result.seconds
+    assert [row["peak_memory_gib"] for row in result.summary()["buckets"]] == frame.peak_memory_gib.tolist()
+
+
+def test_device_peak_sees_an_allocation_made_after_the_reset():
+    device = torch.device("cpu")
+    reset_device_peak(device)
+    before = device_peak_gib(device)
+    block = torch.ones(64 * 2**20)  # 256 MiB, written so its pages are resident
+    after = device_peak_gib(device)
+    del block
+    assert after - before > 0.2
 
 
 @pytest.mark.parametrize("policy", [vanilla(), distance_limit(20), lm_infinite(n_local=20, top_k=2)])

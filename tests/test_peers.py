@@ -276,3 +276,21 @@ def test_methods_that_move_positions_need_rope():
             apply_policy(model, policy, train_length=TRAIN)
     with pytest.raises(OodlensError, match="unknown rope_type"):
         oodlens.rope_scaling("cubic")
+
+
+@pytest.mark.parametrize("case", ["streaming-llm", "self-extend", "rerope", "string", "dual-chunk"])
+def test_a_left_padded_row_equals_the_row_alone(case):
+    """Padding shifts where the model rotates a row; a key the method leaves in place (StreamingLLM's sinks)
+    carries that shift, so a moved query must too."""
+    model = tiny_model("qwen2").model
+    policy = CASES[case][0]
+    short, long = _ids(70, seed=1), _ids(90, seed=2)
+    pad = long.shape[1] - short.shape[1]
+    batch = torch.cat([torch.cat([torch.zeros(1, pad, dtype=torch.long), short], 1), long])
+    mask = torch.ones_like(batch)
+    mask[0, :pad] = 0
+    with torch.no_grad(), apply_policy(model, policy, train_length=TRAIN):
+        alone_short, alone_long = model(short).logits, model(long).logits
+        padded = model(batch, attention_mask=mask).logits
+    assert (padded[0, pad:] - alone_short[0]).abs().max() < TOL
+    assert (padded[1] - alone_long[0]).abs().max() < TOL

@@ -444,6 +444,36 @@ def test_perplexity_accepts_streaming_frames_without_method():
     assert data_lines(fig.axes[0])[0].get_color() == plotting.method_color("lm-infinite")
 
 
+def test_streaming_pools_fine_buckets_by_tokens_with_an_interval_and_the_largest_memory(tmp_path):
+    # two display buckets of 200 tokens, each holding two fine buckets of 100
+    nll = np.log([2.0, 8.0, 4.0, 4.0])
+    stream = pd.DataFrame(
+        dict(
+            start=[0, 100, 200, 300],
+            end=[100, 200, 300, 400],
+            nll=nll,
+            ppl=np.exp(nll),
+            n_tokens=[50, 100, 100, 100],
+            peak_memory_gib=[1.0, 1.5, 1.2, 1.1],
+            seconds=1.0,
+        )
+    )
+    fig = plotting.plot_streaming({"lm-infinite": stream}, bucket=200, train_length=TRAIN)
+    quality, memory = fig.axes
+    (line,) = data_lines(quality)
+    np.testing.assert_allclose(line.get_xdata(), [100, 300])
+    np.testing.assert_allclose(line.get_ydata(), [np.exp((50 * np.log(2) + 100 * np.log(8)) / 150), 4.0])
+    assert len(bands(quality)) == 1  # the first bucket's two fine buckets disagree
+    np.testing.assert_allclose(data_lines(memory)[0].get_ydata(), [1.5, 1.2])
+    assert has_train_marker(quality) and memory.get_ylim()[0] == 0
+    assert_saved(fig, tmp_path)
+
+
+def test_streaming_refuses_a_bucket_below_one_token():
+    with pytest.raises(OodlensError, match="bucket of at least 1"):
+        plotting.plot_streaming(perplexity_frame(("lm-infinite",)), bucket=0)
+
+
 def test_perplexity_before_after_dict_uses_labels():
     fig = plotting.plot_perplexity_by_position(
         {"before": perplexity_frame(("vanilla",)), "after": perplexity_frame(("lm-infinite",))}, TRAIN

@@ -12,6 +12,9 @@ those keys into *segments* that a fused kernel can run without an n×n mask, run
     far keys (Λ's starting tokens)   keys j < n_global, i - j ≥ W  query re-rotated to the distance limit
     top-k middle keys                per head, the k best          explicit gather (O(n²) selection)
 
+On a GPU a long prefill under a band plan takes the fused path instead (:mod:`.flex`): the whole band in one
+FlexAttention call with a block mask, the far keys beside it, merged the same way.
+
 Memory is O(n · block) and never O(n²). Statistics for observers (log-sum-exp, entropy, sink mass and
 sampled logit rows) are computed from the same segments in float32: entropy uses ``H = lse - E_p[logit]``,
 with ``E_p[logit]`` from oodlens' CPU kernel, or ``scale · <q, Σ_j p_j k_j>`` obtained by attending with the
@@ -19,6 +22,7 @@ keys appended to the values, so the full score matrix is never formed.
 """
 
 from .blockwise import DEFAULT_BLOCK, plain_block
+from .flex import fused_attention
 from .interface import ATTENTION_NAME, Binding, bind, binding_of, register, unbind
 from .kernels import explicit_logits, fused_kernel_works, run_segment
 from .plan import (
@@ -52,6 +56,7 @@ __all__ = [
     "bind",
     "binding_of",
     "explicit_logits",
+    "fused_attention",
     "fused_kernel_works",
     "register",
     "run_segment",

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import flex
 from .kernels import NEG_INF, Partial, Segment, expand_kv, explicit_logits, merge_partials, run_segment
 from .plan import AttentionObserver, BlockStats, LayerPlan, PositionMap, fixed
 
@@ -65,11 +66,15 @@ def plain_block(device_type: str) -> int:
 def _moved(
     plan: LayerPlan, group: RowGroup, x: torch.Tensor, pos: torch.Tensor, to: PositionMap
 ) -> torch.Tensor:
-    """``x`` (queries or keys at real positions ``pos``) re-rotated to the positions ``to`` gives them."""
+    """``x`` (queries or keys at real positions ``pos``) re-rotated to the positions ``to`` gives them.
+
+    The row's rotation offset (its padding, or a ``position_ids`` shift) stays on the new positions too: a
+    logit depends only on the difference of the two, and a key left where the model put it (a far key under
+    StreamingLLM) carries that offset."""
     if to.is_identity:
         return x
     rotated_at = pos + group.rotation_offset
-    return plan.rotary.move(x, rotated_at, to(pos))
+    return plan.rotary.move(x, rotated_at, to(pos) + group.rotation_offset)
 
 
 def _index(host_positions: torch.Tensor, value: int) -> int:
@@ -239,6 +244,10 @@ def attend_group(
     batch, heads, n_queries, dim = group.query.shape
     want_mean = observer is not None
     _prepare(plan, group)
+    plain_band = observer is None and softcap is None and plan.chunk is None and plan.top_k == 0
+    if plain_band and plan.window is not None and block_size is None:
+        if flex.serves(group.query.device, group.query.dtype, n_queries, dim):
+            return _fused(plan, group, scale)
     if block_size is None:
         if softcap is not None:
             block_size = MATH_BLOCK  # the float32 reference kernel holds block × keys logits per head
@@ -267,6 +276,32 @@ def attend_group(
         if observer is not None:
             _observe(group, start, stop, segments, acc, scale, softcap, observer, layer_idx)
     return output
+
+
+def _fused(plan: LayerPlan, group: RowGroup, scale: float) -> torch.Tensor:
+    """A band plan's call on the fused path (:mod:`.flex`): the local band, and the far keys at their moved
+    positions where any query is far enough from them."""
+    far = None
+    n_far = _index(group.k_host, plan.n_global) if plan.n_global > 0 else 0
+    if n_far:
+        far_keys = group.key if group.moved_keys is None else group.moved_keys
+
+        def far_queries(rows: slice) -> torch.Tensor:
+            return _moved(plan, group, group.query[:, :, rows], group.q_pos[rows], plan.far_query)
+
+        far = (far_queries, far_keys[:, :, :n_far], n_far)
+    return flex.band_attention(
+        group.query,
+        group.key,
+        group.value,
+        group.q_pos,
+        group.k_pos,
+        group.q_host,
+        group.k_host,
+        scale,
+        plan.window,
+        far,
+    )
 
 
 def _segment_logits(

@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 
 from ..display import Displayed
 from ..errors import OodlensError
+from ..memory import device_peak_gib, reset_device_peak
 from ..models import train_length_of
 from ..policies import Policy, PolicyHandle, apply_policy
 from .scoring import (
@@ -84,8 +85,11 @@ class StreamingResult(Displayed):
         nll_sum, n_scored: ``[n_buckets]`` float64 / int64, summed NLL and scored tokens per bucket.
         n_tokens: tokens consumed; seconds: wall time; peak_cache_tokens: most keys held by any cache layer
             after a chunk (constant once the window is full, for a bounded cache).
+        peak_memory_gib: ``[n_buckets]`` float64, the peak memory while the bucket's chunks ran: CUDA's
+            allocator peak on a GPU, this process's resident set on a CPU (NaN where it cannot be read).
+        bucket_seconds: ``[n_buckets]`` float64, wall time of the chunks that ended in the bucket.
 
-    ``to_dataframe()`` rows: ``{start, end, nll, ppl, n_tokens}`` per bucket.
+    ``to_dataframe()`` rows: ``{start, end, nll, ppl, n_tokens, peak_memory_gib, seconds}`` per bucket.
     """
 
     method: str
@@ -95,6 +99,8 @@ class StreamingResult(Displayed):
     n_tokens: int
     seconds: float
     peak_cache_tokens: int
+    peak_memory_gib: np.ndarray
+    bucket_seconds: np.ndarray
 
     def headline(self) -> dict[str, Any]:
         return {
@@ -115,7 +121,8 @@ class StreamingResult(Displayed):
 
     def to_dataframe(self) -> pd.DataFrame:
         rows = []
-        for index, (total, count) in enumerate(zip(self.nll_sum, self.n_scored, strict=True)):
+        buckets = zip(self.nll_sum, self.n_scored, self.peak_memory_gib, self.bucket_seconds, strict=True)
+        for index, (total, count, memory, seconds) in enumerate(buckets):
             if count:
                 start = index * self.bucket
                 nll = float(total / count)
@@ -126,15 +133,23 @@ class StreamingResult(Displayed):
                         nll=nll,
                         ppl=perplexity_of(nll),
                         n_tokens=int(count),
+                        peak_memory_gib=float(memory),
+                        seconds=float(seconds),
                     )
                 )
-        return pd.DataFrame(rows, columns=["start", "end", "nll", "ppl", "n_tokens"])
+        columns = ["start", "end", "nll", "ppl", "n_tokens", "peak_memory_gib", "seconds"]
+        return pd.DataFrame(rows, columns=columns)
 
     def summary(self) -> dict[str, Any]:
         """``{method, n_tokens, bucket, ppl, tokens_per_s, peak_cache_tokens,
-        buckets: [{start, end, ppl}]}``; non-finite numbers are ``None``."""
+        buckets: [{start, end, ppl, peak_memory_gib}]}``; non-finite numbers are ``None``."""
         buckets = [
-            {"start": int(row.start), "end": int(row.end), "ppl": finite_or_none(row.ppl)}
+            {
+                "start": int(row.start),
+                "end": int(row.end),
+                "ppl": finite_or_none(row.ppl),
+                "peak_memory_gib": finite_or_none(row.peak_memory_gib),
+            }
             for row in self.to_dataframe().itertuples()
         ]
         return {
@@ -149,26 +164,40 @@ class StreamingResult(Displayed):
 
 
 class _BucketSums:
-    """Running per-bucket NLL sums, grown as the stream goes (memory: one float per bucket)."""
+    """Running per-bucket NLL sums, memory peaks and times, grown as the stream goes (a few floats each)."""
 
     def __init__(self, bucket: int):
         self.bucket = bucket
         self.n_buckets = 0
         self._total = np.zeros(64)
         self._count = np.zeros(64, dtype=np.int64)
+        self._memory = np.full(64, np.nan)
+        self._seconds = np.zeros(64)
 
     def add(self, first_position: int, nll: torch.Tensor) -> None:
         """Add the NLL ``[C]`` of positions ``first_position, first_position + 1, ...``."""
         index = (first_position + np.arange(nll.numel())) // self.bucket
         if not index.size:
             return
-        self.n_buckets = max(self.n_buckets, int(index[-1]) + 1)
+        self._grow(int(index[-1]) + 1)
+        np.add.at(self._total, index, nll.double().numpy())
+        np.add.at(self._count, index, 1)
+
+    def add_chunk(self, position: int, gib: float, seconds: float) -> None:
+        """Count a chunk's peak memory and time towards the bucket of stream position ``position``."""
+        index = position // self.bucket
+        self._grow(index + 1)
+        self._memory[index] = np.fmax(self._memory[index], gib)
+        self._seconds[index] += seconds
+
+    def _grow(self, n_buckets: int) -> None:
+        self.n_buckets = max(self.n_buckets, n_buckets)
         if self.n_buckets > self._total.size:  # doubling keeps a very long stream's growth cheap
             grow = max(self.n_buckets, 2 * self._total.size) - self._total.size
             self._total = np.concatenate([self._total, np.zeros(grow)])
             self._count = np.concatenate([self._count, np.zeros(grow, dtype=np.int64)])
-        np.add.at(self._total, index, nll.double().numpy())
-        np.add.at(self._count, index, 1)
+            self._memory = np.concatenate([self._memory, np.full(grow, np.nan)])
+            self._seconds = np.concatenate([self._seconds, np.zeros(grow)])
 
     @property
     def total(self) -> np.ndarray:
@@ -177,6 +206,14 @@ class _BucketSums:
     @property
     def count(self) -> np.ndarray:
         return self._count[: self.n_buckets]
+
+    @property
+    def memory(self) -> np.ndarray:
+        return self._memory[: self.n_buckets]
+
+    @property
+    def seconds(self) -> np.ndarray:
+        return self._seconds[: self.n_buckets]
 
 
 def _stream_cache(model: PreTrainedModel, handle: PolicyHandle, max_tokens: int | None) -> Any:
@@ -207,7 +244,9 @@ def streaming_perplexity(
     """Perplexity of a token stream (``[N]``, or an iterable of 1-D pieces such as :func:`cycle_tokens`) fed
     ``chunk`` tokens at a time through the policy's bounded cache, so memory stays constant however long the
     stream is. Each chunk's first token is scored with the previous chunk's last logits, so every position
-    ``≥ 1`` is scored exactly as one forward over the whole stream would score it.
+    ``≥ 1`` is scored exactly as one forward over the whole stream would score it. The peak memory of every
+    bucket is kept beside its perplexity, so a run shows both staying flat (or not); a chunk's memory and time
+    count towards the bucket of its last token, so buckets at least ``chunk`` wide each get some.
 
     Raises:
         OodlensError: the policy keeps every key (vanilla, distance limit alone, top-k) and no
@@ -234,6 +273,8 @@ def streaming_perplexity(
         cache = _stream_cache(model, handle, max_tokens)
         started = time.perf_counter()
         for ids in _rechunk(token_stream, chunk, max_tokens):
+            reset_device_peak(device)
+            chunk_started = time.perf_counter()
             ids = ids.to(device)
             hidden = forward_hidden(model, ids[None], use_cache=True, **cache_kwargs(model, cache))[0]
             nll = token_nll(model, hidden[:-1], ids[1:], chunk)
@@ -242,7 +283,10 @@ def streaming_perplexity(
             sums.add(position if previous_logits is not None else 1, nll.cpu())  # position 0 has no score
             previous_logits = output_logits(model, hidden[-1:])
             position += ids.numel()
+            sums.add_chunk(position - 1, device_peak_gib(device), time.perf_counter() - chunk_started)
             peak = max(peak, _stored_tokens(cache))
             bar.update(ids.numel())
         seconds = time.perf_counter() - started
-    return StreamingResult(policy.name, bucket, sums.total, sums.count, position, seconds, peak)
+    return StreamingResult(
+        policy.name, bucket, sums.total, sums.count, position, seconds, peak, sums.memory, sums.seconds
+    )

@@ -26,6 +26,7 @@ from .evaluation import (
     plot_passkey,
     plot_perplexity_by_position,
     plot_repair_map,
+    plot_streaming,
 )
 from .style import (
     LN_N_GID,
@@ -61,6 +62,7 @@ __all__ = [
     "plot_perplexity_by_position",
     "plot_repair_map",
     "plot_sink_mass",
+    "plot_streaming",
     "save_figure",
     "show",
     "style",

@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 
 from ..display import format_number
 from ..errors import OodlensError
-from ..stats import bootstrap_interval, wilson_interval
+from ..stats import bootstrap_interval, perplexity_interval, wilson_interval
 from .base import (
     as_frame,
     draw_series,
@@ -28,6 +28,7 @@ from .style import PANEL_SIZE, method_rank, method_style, styled
 # ------------------------------------------------------------------------------------------ evaluation
 
 PERPLEXITY_COLUMNS = ["start", "end", "nll", "n_tokens"]  # method optional (StreamingResult has none)
+STREAMING_COLUMNS = ["start", "nll", "n_tokens", "peak_memory_gib"]
 PASSKEY_COLUMNS = ["method", "length", "depth", "correct"]
 GENERATION_COLUMNS = ["method", "milestone", "bleu", "rouge_l"]
 COMPARISON_COLUMNS = ["method", "metric", "value"]
@@ -62,6 +63,41 @@ def plot_perplexity_by_position(
     mark_train_length(panel_ax, train_length)
     finish_axes(panel_ax, "position (tokens)", "perplexity", logy=True)
     figure_legend(fig, [panel_ax], own_figure=ax is None)
+    return fig
+
+
+@styled
+def plot_streaming(data: Any, bucket: int = 65_536, train_length: int | None = None) -> Figure:
+    """A long stream (``StreamingResult.to_dataframe``, one frame per method): perplexity and peak memory per
+    ``bucket`` of stream positions, one line per method.
+
+    The result's own (finer) buckets are pooled into ``bucket``-wide ones, token-weighted; the band is a 95 %
+    bootstrap interval over the fine buckets inside each, and memory is the largest peak among them. Flat
+    lines are the claim a bounded cache makes: quality and memory that do not depend on how far the stream
+    has gone.
+    """
+    if bucket < 1:
+        raise OodlensError(f"plot_streaming needs a bucket of at least 1 token, got {bucket}")
+    runs = run_frames(data, "streaming", STREAMING_COLUMNS)
+    runs = runs[runs["n_tokens"] > 0].assign(position=(runs["start"] // bucket + 0.5) * bucket)
+    rows = []
+    for (series, position), group in runs.groupby(["series", "position"], sort=False):
+        ppl, low, high, _ = perplexity_interval(group["nll"], group["n_tokens"])
+        memory = group["peak_memory_gib"].max()
+        rows.append(dict(series=series, position=position, ppl=ppl, low=low, high=high, memory=memory))
+    pooled = pd.DataFrame(rows)
+    fig, (ppl_ax, memory_ax) = new_axes(None, 2)
+    quality = pooled.assign(mean=pooled["ppl"], low=pooled["low"].fillna(pooled["ppl"]))
+    draw_series(ppl_ax, quality.assign(high=quality["high"].fillna(quality["ppl"])), "position", markers=True)
+    memory = pooled.assign(mean=pooled["memory"], low=pooled["memory"], high=pooled["memory"])
+    draw_series(memory_ax, memory, "position", markers=True)
+    for panel_ax in (ppl_ax, memory_ax):
+        mark_train_length(panel_ax, train_length)
+    finish_axes(ppl_ax, "stream position (tokens)", f"perplexity per {bucket:,} tokens")
+    finish_axes(memory_ax, "stream position (tokens)", "peak memory (GiB)", ybottom=0)
+    if np.isfinite(pooled["memory"].max()):  # room above a flat line, which would sit on the frame
+        memory_ax.set_ylim(top=1.25 * pooled["memory"].max())
+    figure_legend(fig, [ppl_ax, memory_ax], own_figure=True)
     return fig
 
 
