@@ -6,11 +6,14 @@ For each method at its authors' recommended setting (RoPE rescaling with the fac
 the three factors from a capture of ``--capture-length`` tokens (default 2 L); passkey retrieval at
 ``--passkey-lengths`` (default 1.5 L and 2 L) × ``--passkey-depths``; time per decoding step and cache
 memory after ``--length`` tokens of context (a cache filled to that length, see
-:mod:`oodlens.evaluate.speed`). Vanilla's in-distribution values (logits and entropy within L, passkey at
-L / 2) are the reference of the repair map. Each method's results are cached on their own, so a run that
-stops resumes at the method it was on.
+:mod:`oodlens.evaluate.speed`); the RULER-style ``--tasks`` (default all five) with ``--task-samples`` prompts
+each (default 4) at ``--task-length`` (default 1.5 L) for every method and the baseline, mean score with its
+interval. Vanilla's in-distribution values (logits and entropy within L, passkey at L / 2) are the reference
+of the repair map. Each method's results, and each task's, are cached on their own, so a run that stops
+resumes where it was.
 
-    python analyses/compare_methods.py                  # SmolLM2, 32k: about 2 h on 2 cores
+    python analyses/compare_methods.py                  # SmolLM2, 32k: about 2 h on 2 cores, tasks aside
+    python analyses/compare_methods.py --tasks ''       # without the tasks
     python analyses/compare_methods.py --quick          # tiny random model, seconds
 """
 
@@ -23,13 +26,14 @@ import common
 import pandas as pd
 
 from oodlens import plotting
-from oodlens.evaluate import TRUNCATED_BASELINE, MethodComparison, decode_speed
+from oodlens.evaluate import TRUNCATED_BASELINE, MethodComparison, decode_speed, task_accuracy
 from oodlens.evaluate.comparison import (
     DEFAULT_DECODE_STEPS,
     measure_baseline,
     measure_method,
     measure_reference,
 )
+from oodlens.evaluate.tasks import DEFAULT_TASKS
 from oodlens.policies import Policy, policy_by_name
 from oodlens.storage import write_json
 
@@ -61,6 +65,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--passkey-lengths", default=None, help="comma-separated (default 1.5 L, 2 L)")
     parser.add_argument("--passkey-depths", default="0.5", help="comma-separated needle depths")
     parser.add_argument("--bucket", type=int, default=None, help="perplexity bucket (default L / 8)")
+    parser.add_argument("--tasks", default=None, help="comma-separated; '' for none (default: all five)")
+    parser.add_argument("--task-length", type=int, default=None, help="default 1.5 L (quick: 1200)")
+    parser.add_argument("--task-samples", type=int, default=None, help="prompts per task (default 4)")
 
 
 def recommended(name: str, length: int) -> Policy:
@@ -129,8 +136,33 @@ def run(argv: list[str] | None = None) -> pd.DataFrame:
             progress=False,
         ).to_dataframe(),
     )
+    task_length = extra.task_length or settings.scale(3 * train // 2, 1200)
+    task_samples = extra.task_samples or settings.scale(4, 1)
+    policies = [recommended(name, length) for name in names]
+
+    def per_task(task: str) -> pd.DataFrame:
+        return common.cached(
+            settings,
+            f"tasks-{task}",
+            # the comparison's length too: the rescaled methods (PI, NTK, YaRN) are stretched to it
+            {"methods": names, "length": length, "task_length": task_length, "samples": task_samples},
+            lambda: task_accuracy(
+                model,
+                tokenizer,
+                policies,
+                [task],
+                lengths=[task_length],
+                n_samples=task_samples,
+                train_length=train,
+            ).to_dataframe(),
+        )
+
+    quick_tasks = "niah_single,variable_tracking"  # two kinds of task, in seconds
+    listed = extra.tasks if extra.tasks is not None else settings.scale(",".join(DEFAULT_TASKS), quick_tasks)
+    tasks = [task.strip() for task in listed.split(",") if task.strip()]
+    task_rows = pd.concat([per_task(task) for task in tasks], ignore_index=True) if tasks else None
     comparison = MethodComparison(
-        results, baseline, reference["vanilla"], train, length, within, passkey_lengths, speed
+        results, baseline, reference["vanilla"], train, length, within, passkey_lengths, speed, task_rows
     )
     figure = plotting.plot_perplexity_by_position(comparison.perplexity_frame(), train)
     common.save(settings, figure, "compare_perplexity_by_position")
@@ -138,6 +170,10 @@ def run(argv: list[str] | None = None) -> pd.DataFrame:
     common.save(settings, plotting.plot_repair_map(repairs), "compare_repair_map")
     common.print_table(f"methods on {settings.model} (train length {train}, {length} tokens)", table)
     table.to_csv(settings.cache / "table.csv", index=False)
+    if task_rows is not None:
+        task_table = comparison.task_table()
+        common.print_table(f"tasks at {task_length} tokens (mean score, 95 % interval)", task_table)
+        task_table.to_csv(settings.cache / "tasks.csv", index=False)
     repairs.to_csv(settings.cache / "repairs.csv", index=False)
     return table
 

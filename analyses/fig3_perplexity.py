@@ -4,9 +4,10 @@ benchmark of LM-Infinite).
 Methods: LM-Infinite and the content-matched baseline ``vanilla-truncated`` (vanilla with its context cut to
 the pretraining length) to ``--length`` (default 4 × train length), vanilla to ``--vanilla-length`` (default
 2 × train length; it has exploded well before). Prints perplexity over [L, 2L) and [2L, 4L) and the ratio
-LM-Infinite / baseline (goal ≤ 1.10), and vanilla's ratio past 1.5 L (goal > 10).
+LM-Infinite / baseline (goal ≤ 1.10), and vanilla's ratio past 1.5 L (goal > 10). Every perplexity carries
+its 95 % bootstrap interval over the windows (the figure's bands, the table's brackets).
 
-    python analyses/fig3_perplexity.py               # 2 windows from different offsets of the corpus
+    python analyses/fig3_perplexity.py               # 4 windows from different offsets of the corpus
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from oodlens import plotting
+from oodlens.display import estimate_text
 from oodlens.evaluate import TRUNCATED_BASELINE, PerplexityResult, perplexity_by_position
 from oodlens.policies import lm_infinite, vanilla
 
@@ -29,11 +31,16 @@ def add_arguments(parser) -> None:
 
 
 def _as_frame(result: PerplexityResult) -> pd.DataFrame:
-    return pd.DataFrame(result.token_nll)
+    """Each method's NLL per window and position, one column per method (windows one after another)."""
+    return pd.DataFrame({method: nll.reshape(-1) for method, nll in result.window_nll.items()})
+
+
+def _windows(frame: pd.DataFrame, method: str, n_windows: int) -> np.ndarray:
+    return frame[method].to_numpy().reshape(n_windows, -1)
 
 
 def run(argv: list[str] | None = None) -> pd.DataFrame:
-    settings = common.parse("fig3_perplexity", __doc__.splitlines()[0], add_arguments, argv, windows=2)
+    settings = common.parse("fig3_perplexity", __doc__.splitlines()[0], add_arguments, argv, windows=4)
     loaded = common.model(settings)
     train = loaded.info.train_length
     length = settings.extra.length or 4 * train
@@ -43,7 +50,7 @@ def run(argv: list[str] | None = None) -> pd.DataFrame:
     long = common.cached(
         settings,
         "long",
-        {"length": length},
+        {"length": length, "stored": "per-window"},
         lambda: _as_frame(
             perplexity_by_position(loaded.model, ids, [lm_infinite()], train_length=train, bucket=bucket)
         ),
@@ -51,7 +58,7 @@ def run(argv: list[str] | None = None) -> pd.DataFrame:
     short = common.cached(
         settings,
         "vanilla",
-        {"length": vanilla_length},
+        {"length": vanilla_length, "stored": "per-window"},
         lambda: _as_frame(
             perplexity_by_position(
                 loaded.model,
@@ -63,10 +70,14 @@ def run(argv: list[str] | None = None) -> pd.DataFrame:
             )
         ),
     )
-    token_nll = {method: long[method].to_numpy() for method in long}
+    token_nll = {method: _windows(long, method, settings.windows) for method in long}
     # vanilla was run on the first tokens only: NaN beyond, so its buckets there stay empty
     token_nll["vanilla"] = np.concatenate(
-        [short["vanilla"].to_numpy(), np.full(length - vanilla_length, np.nan)]
+        [
+            _windows(short, "vanilla", settings.windows),
+            np.full((settings.windows, length - vanilla_length), np.nan),
+        ],
+        axis=1,
     )
     result = PerplexityResult(token_nll, train, length, settings.windows, bucket)
     frame = result.to_dataframe().dropna(subset=["nll"])
@@ -76,12 +87,14 @@ def run(argv: list[str] | None = None) -> pd.DataFrame:
     for start, end in ((train, 2 * train), (2 * train, 4 * train), (3 * train // 2, 2 * train)):
         if end <= length:
             line = {"tokens": f"{start}-{end}"}
-            line |= {
-                method: result.ppl(method, start, end)
+            estimates = {
+                method: result.estimate(method, start, end)
                 for method in ("vanilla", "lm-infinite", TRUNCATED_BASELINE)
             }
-            line["lm-infinite / baseline"] = line["lm-infinite"] / line[TRUNCATED_BASELINE]
-            line["vanilla / baseline"] = line["vanilla"] / line[TRUNCATED_BASELINE]
+            line |= {method: estimate_text(e.to_dict()) for method, e in estimates.items()}
+            baseline = estimates[TRUNCATED_BASELINE].value
+            line["lm-infinite / baseline"] = estimates["lm-infinite"].value / baseline
+            line["vanilla / baseline"] = estimates["vanilla"].value / baseline
             rows.append(line)
     summary = pd.DataFrame(rows)
     common.print_table(f"perplexity ({settings.windows} window(s), train length {train})", summary)

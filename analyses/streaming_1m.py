@@ -62,13 +62,15 @@ def run(argv: list[str] | None = None) -> pd.DataFrame:
     chunk = settings.extra.chunk or settings.scale(1024, 16)
     corpus = corpus_tokens(load_corpus(DEFAULT_CORPUS), loaded.tokenizer)
     corpus = corpus[: settings.scale(corpus.numel(), 1_000) // bucket * bucket]  # copies end on a bucket
+    device = loaded.model.get_output_embeddings().weight.device.type
     frames = []
     for name in settings.extra.methods.split(","):
         policy = policy_by_name(name)
         frame = common.cached(
             settings,
             name,
-            {"tokens": tokens, "chunk": chunk, "bucket": bucket, "copy": corpus.numel()},
+            # memory and seconds are the device's: a CPU's result never stands for a GPU's
+            {"tokens": tokens, "chunk": chunk, "bucket": bucket, "copy": corpus.numel(), "device": device},
             lambda policy=policy: streaming_perplexity(
                 loaded.model,
                 cycle_tokens(corpus, tokens),

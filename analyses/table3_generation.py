@@ -1,5 +1,6 @@
 """Table 3 of the paper: quality of text generated after long contexts (BLEU, ROUGE-L against the real
-continuation of the corpus), vanilla against LM-Infinite.
+continuation of the corpus), vanilla against LM-Infinite, over ``--windows`` windows of the corpus
+(default 4), each score with its 95 % bootstrap interval over the windows.
 
     python analyses/table3_generation.py --milestones 4096,8192,12288 --new-tokens 64
 """
@@ -10,7 +11,8 @@ import common
 import pandas as pd
 
 from oodlens import plotting
-from oodlens.evaluate import generation_quality
+from oodlens.display import estimate_text
+from oodlens.evaluate import GenerationResult, generation_quality
 from oodlens.policies import lm_infinite, vanilla
 
 
@@ -20,7 +22,7 @@ def add_arguments(parser) -> None:
 
 
 def run(argv: list[str] | None = None) -> pd.DataFrame:
-    settings = common.parse("table3_generation", __doc__.splitlines()[0], add_arguments, argv)
+    settings = common.parse("table3_generation", __doc__.splitlines()[0], add_arguments, argv, windows=4)
     loaded = common.model(settings)
     train = loaded.info.train_length
     milestones = (
@@ -45,8 +47,20 @@ def run(argv: list[str] | None = None) -> pd.DataFrame:
         ).to_dataframe(),
     )
     common.save(settings, plotting.plot_generation_quality(rows, train), "table3_generation")
-    table = rows.groupby(["method", "milestone"])[["bleu", "rouge_l"]].mean().reset_index()
-    common.print_table(f"generation quality, {new_tokens} new tokens (train length {train})", table)
+    intervals = GenerationResult(rows=rows.to_dict("records")).intervals()
+    table = pd.DataFrame(
+        [
+            {"method": method, "milestone": int(milestone)}
+            | {metric: estimate_text(estimate) for metric, estimate in scores.items()}
+            for method, by_milestone in intervals.items()
+            for milestone, scores in by_milestone.items()
+        ]
+    )
+    common.print_table(
+        f"generation quality, {new_tokens} new tokens, {settings.windows} windows [95 % bootstrap interval] "
+        f"(train length {train})",
+        table,
+    )
     table.to_csv(settings.cache / "table.csv", index=False)
     return table
 

@@ -98,6 +98,7 @@ def timed(run: Callable[[], object]) -> tuple[float, float]:
     return seconds, (torch.cuda.max_memory_allocated() - base) / 2**30
 
 
+AGREEMENT = 0.02  # bf16 outputs of the two paths, max difference over the outputs' scale
 ENGINE_PATHS = {"lm-infinite": "auto", "lm-infinite-segments": "never"}  # fused (FlexAttention) / segments
 
 
@@ -191,11 +192,13 @@ def _attention_at(plan, n: int, kv_heads: int, repeats: int) -> list[dict]:
     for label, (seconds, peak) in best.items():
         row = {"kv_heads": kv_heads, "length": n, "path": label, "ms": 1000 * seconds, "peak_gib": peak}
         row["fused_vs_segments"] = float(agreement)
+        row["paths_agree"] = bool(agreement < AGREEMENT)
         row["ratio_to_flash"] = seconds / best["flash"][0]
         rows.append(row)
         print(
             f"attention kv={kv_heads:2d} {n:7d} {label:9s}: {row['ms']:8.2f} ms {peak:6.2f} GiB "
-            f"x{row['ratio_to_flash']:.3f} of flash (fused vs segments {float(agreement):.1e})",
+            f"x{row['ratio_to_flash']:.3f} of flash (fused vs segments {float(agreement):.1e}"
+            f"{'' if row['paths_agree'] else ', DISAGREE'})",
             flush=True,
         )
     return rows

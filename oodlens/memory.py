@@ -41,16 +41,19 @@ def resident_gib() -> tuple[float, float]:
     return math.nan, peak / (2**30 if sys.platform == "darwin" else 2**20)
 
 
-def reset_device_peak(device: torch.device) -> None:
-    """Start a new peak: CUDA's allocator peak on a CUDA device, else this process's resident set."""
+def reset_device_peak(device: torch.device) -> bool:
+    """Start a new peak: CUDA's allocator peak on a CUDA device, else this process's resident set (which
+    also restarts any peak an outer measurement was reading). False where the peak cannot be reset."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    else:
-        reset_peak_memory()
+        return True
+    return reset_peak_memory()
 
 
-def device_peak_gib(device: torch.device) -> float:
-    """Peak memory in GiB since :func:`reset_device_peak`: allocated on a CUDA device, else resident."""
+def device_peak_gib(device: torch.device, was_reset: bool = True) -> float:
+    """Peak memory in GiB since :func:`reset_device_peak`: allocated on a CUDA device, else resident; NaN
+    when the peak was not reset (``was_reset``: what the reset returned), as the lifetime peak is another
+    number."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return resident_gib()[1]
+    return resident_gib()[1] if was_reset else math.nan

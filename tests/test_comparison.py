@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
+from oodlens.display import format_number
 from oodlens.errors import OodlensError
 from oodlens.evaluate import TRUNCATED_BASELINE, MethodComparison, compare_methods, perplexity_by_position
 from oodlens.evaluate.comparison import REPAIRS
@@ -79,6 +80,30 @@ def test_the_table_holds_ratios_to_the_baseline_passkey_counts_and_costs(compari
     assert table.loc["vanilla", "decode ms/token @12"] == 9.0
     assert table.loc["fixed", "cache MiB @12"] == 4.0
     assert np.isnan(table.loc[TRUNCATED_BASELINE, "max logit >L"])
+
+
+def test_the_table_pools_each_methods_task_scores_with_an_interval(comparison):
+    # "fixed": 3 of 4 binary scores (a Wilson interval); vanilla: scores 0.5 and 1 (a bootstrap over prompts)
+    rows = [
+        {"method": "fixed", "task": task, "length": 6, "score": score}
+        for task, score in (("niah_single", 1.0), ("niah_single", 1.0), ("variable_tracking", 1.0),
+                            ("variable_tracking", 0.0))
+    ] + [
+        {"method": "vanilla", "task": "common_words", "length": 6, "score": score} for score in (0.5, 1.0)
+    ]  # fmt: skip
+    comparison.tasks = pd.DataFrame(rows)
+    table = comparison.table().set_index("method")
+    z, p, n = 1.959964, 0.75, 4  # Wilson by hand: (p + z²/2n ± z √(p(1-p)/n + z²/4n²)) / (1 + z²/n)
+    centre, half = p + z**2 / (2 * n), z * math.sqrt(p * (1 - p) / n + z**2 / (4 * n**2))
+    low, high = (centre - half) / (1 + z**2 / n), (centre + half) / (1 + z**2 / n)
+    assert table.loc["fixed", "tasks @6"] == f"0.75 [{format_number(low)}, {format_number(high)}]"
+    # resampled means of two scores from {0.5, 1}: 0.5, 0.75 or 1, so the percentiles are the extremes
+    assert table.loc["vanilla", "tasks @6"] == "0.75 [0.5, 1]"
+    assert pd.isna(table.loc[TRUNCATED_BASELINE, "tasks @6"])  # the baseline answered no task here
+    tasks = comparison.task_table().set_index(["method", "task"])
+    cell = tasks.loc[("fixed", "variable_tracking")]
+    assert (cell["value"], cell["n"], cell["interval"]) == (0.5, 2, "wilson")
+    assert tasks.loc[("vanilla", "common_words"), "interval"] == "bootstrap"
 
 
 def test_the_repair_map_divides_by_vanillas_value_within_the_training_length(comparison):

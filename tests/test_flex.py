@@ -1,18 +1,20 @@
 """The fused path (FlexAttention with a block mask of the band, far keys merged by log-sum-exp) against the
-same independent dense references as the segment path, on tiny models of every RoPE family. On a CPU it runs
-only when forced (``fused_attention("always")``); OODLENS_TEST_DEVICE=cuda runs this file on a GPU,
-compiled."""
+same independent dense references as the segment path, on tiny models of every RoPE family, in float32 on a
+CPU (forced with ``fused_attention("always")``, eager FlexAttention). OODLENS_TEST_DEVICE=cuda runs the
+bfloat16 comparison with the segment path on a GPU, compiled, where the fused path serves half precision."""
 
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
 import transformers
 
 import oodlens
-from oodlens.attention import flex, fused_attention
+from oodlens import compiling
+from oodlens.attention import LayerPlan, flex, fused_attention
 from oodlens.capture import diagnose
 from oodlens.errors import OodlensError
 from oodlens.policies import (
@@ -35,9 +37,9 @@ from .peer_reference import PeerReference
 from .reference import DenseReference
 
 DEVICE = torch.device(os.environ.get("OODLENS_TEST_DEVICE", "cpu"))
-# on a GPU the fused path serves half precision only; its agreement with the segment path there is measured
-# by benchmarks/gpu.py (the attention case), so these float32 comparisons run on a CPU
-pytestmark = pytest.mark.skipif(DEVICE.type != "cpu", reason="float32 fused path: CPU only")
+# on a GPU the fused path serves half precision only: the float32 comparisons run on a CPU
+on_cpu_only = pytest.mark.skipif(DEVICE.type != "cpu", reason="the fused path in float32: CPU only")
+on_cuda_only = pytest.mark.skipif(DEVICE.type != "cuda", reason="compiled: OODLENS_TEST_DEVICE=cuda")
 TRAIN, LENGTH, TOL = 64, 96, 1e-5
 ROPE_FAMILIES = [family for family in TINY_FAMILIES if family not in ("gpt2", "gemma2")]  # gemma2 soft-caps
 
@@ -92,6 +94,7 @@ def _reference(model, case):
     return DenseReference(model, **expected) if isinstance(expected, dict) else PeerReference(model, expected)
 
 
+@on_cpu_only
 @pytest.mark.parametrize("case", list(CASES))
 def test_fused_path_equals_the_dense_reference(family_model, case, fused_calls):
     policy = CASES[case][0]
@@ -108,6 +111,7 @@ def test_fused_path_equals_the_dense_reference(family_model, case, fused_calls):
         assert (got - plain).abs().max().item() > 1e-3  # the policy changes the logits at this length
 
 
+@on_cpu_only
 def test_fused_chunked_prefill_through_a_bounded_cache_equals_one_forward(fused_calls):
     """Keys with a gap (the starting tokens, then the tail) after the first chunk."""
     model = tiny_model("llama").model.to(DEVICE)
@@ -125,6 +129,7 @@ def test_fused_chunked_prefill_through_a_bounded_cache_equals_one_forward(fused_
     assert (torch.cat(pieces, dim=1) - full).abs().max().item() < TOL
 
 
+@on_cpu_only
 def test_fused_left_padded_batch_matches_unpadded_rows(fused_calls):
     model = tiny_model("qwen2").model.to(DEVICE)
     short, long = _ids(70, seed=1), _ids(90, seed=2)
@@ -141,6 +146,7 @@ def test_fused_left_padded_batch_matches_unpadded_rows(fused_calls):
     assert (padded[1] - expected_long[0]).abs().max() < TOL
 
 
+@on_cpu_only
 def test_a_capture_keeps_the_segment_path_and_its_statistics(fused_calls):
     model = tiny_model("llama").model.to(DEVICE)
     ids = _ids()
@@ -153,22 +159,34 @@ def test_a_capture_keeps_the_segment_path_and_its_statistics(fused_calls):
     assert fused.entropy_by_position().equals(segments.entropy_by_position())
 
 
-def test_the_fused_path_serves_long_calls_on_a_gpu_only_unless_forced():
-    cpu, cuda, half, full = torch.device("cpu"), torch.device("cuda"), torch.bfloat16, torch.float32
-    with torch.no_grad():
-        assert not flex.serves(cpu, full, 10**6, 64)
-        assert flex.serves(cuda, half, flex.MIN_FUSED_QUERIES, 64) and not flex.serves(cuda, half, 16, 64)
-        assert not flex.serves(cuda, half, 10**6, 80)  # FlexAttention wants a power-of-two head size
-        assert not flex.serves(cuda, full, 10**6, 64)  # float32 on a GPU: the exact segment path
-        with fused_attention("always"):
-            assert flex.serves(cpu, full, 16, 64) and not flex.serves(cuda, full, 16, 64)
-        with fused_attention("never"):
-            assert not flex.serves(cuda, half, 10**6, 64)
+def test_the_fused_path_serves_long_half_precision_band_calls_on_a_gpu_only_unless_forced(monkeypatch):
+    monkeypatch.setattr(flex, "can_compile", lambda device: device.type == "cuda")  # as with Triton there
+    band = LayerPlan(window=16, n_global=4)
+
+    def serves(device: str, n: int, dtype=torch.bfloat16, head: int = 64, plan=band, **options) -> bool:
+        # what serves() reads of a query, without allocating one on a device this machine may not have
+        device = torch.device(device)
+        query = SimpleNamespace(shape=(1, 2, n, head), dtype=dtype, device=device, requires_grad=False)
+        return flex.serves(plan, query, **{"softcap": None, "observed": False, "block_size": None} | options)
+
+    assert serves("cuda", flex.MIN_FUSED_QUERIES) and not serves("cuda", 16)
+    assert not serves("cpu", 10**6, torch.float32)
+    assert not serves("cuda", 10**6, head=80)  # FlexAttention wants a power-of-two head size
+    assert not serves("cuda", 10**6, torch.float32)  # float32 on a GPU: the exact segment path
+    assert not serves("cuda", 10**6, plan=LayerPlan())  # no band: one fused SDPA call already
+    assert not serves("cuda", 10**6, plan=LayerPlan(window=16, top_k=2))
+    assert not serves("cuda", 10**6, softcap=30.0) and not serves("cuda", 10**6, observed=True)
+    assert not serves("cuda", 10**6, block_size=64)
+    with fused_attention("always"):
+        assert serves("cpu", 16, torch.float32) and not serves("cuda", 16, torch.float32)
+    with fused_attention("never"):
+        assert not serves("cuda", 10**6)
     with pytest.raises(OodlensError, match="'auto', 'always' or 'never'"):
         with fused_attention("sometimes"):
             pass
 
 
+@on_cpu_only
 def test_one_pair_of_block_masks_serves_every_layer_and_forward(monkeypatch):
     flex._masks.clear()
     built = []
@@ -183,8 +201,6 @@ def test_one_pair_of_block_masks_serves_every_layer_and_forward(monkeypatch):
 
 
 def test_past_the_recompile_budget_is_a_clear_error_not_a_silent_eager_fallback(monkeypatch):
-    from oodlens import compiling
-
     monkeypatch.setattr(compiling, "RECOMPILE_LIMIT", 1)
     double = torch.compile(lambda x: x * 2, backend="eager", dynamic=False)
     with compiling.compile_budget():
@@ -192,3 +208,27 @@ def test_past_the_recompile_budget_is_a_clear_error_not_a_silent_eager_fallback(
     with pytest.raises(OodlensError, match="fused_attention\\('never'\\)"):
         with compiling.compile_budget():
             double(torch.ones(3))  # a second shape: one specialisation too many
+
+
+@on_cuda_only
+@pytest.mark.parametrize("case", ["lm-infinite", "streaming-llm", "distance-limit", "self-extend-fractional"])
+def test_compiled_fused_path_in_bfloat16_agrees_with_the_segment_path(case, fused_calls):
+    """Far keys (a few, or every key), odd lengths, a bounded cache's gap and left padding, on the GPU."""
+    model = tiny_model("qwen2", head_dim=64).model.to(DEVICE, torch.bfloat16)
+    policy, ids, short = CASES[case][0], _ids(301), _ids(170, seed=1)
+    batch = torch.cat([torch.cat([torch.zeros(1, 131, dtype=torch.long, device=DEVICE), short], 1), ids])
+    mask = torch.ones_like(batch)
+    mask[0, :131] = 0
+    outputs = {}
+    with torch.no_grad(), apply_policy(model, policy, train_length=TRAIN) as handle:
+        for mode in ("never", "always"):
+            with fused_attention(mode):
+                logits = [model(ids).logits, model(batch, attention_mask=mask).logits]
+                if handle.policy.cache_plan(TRAIN).bounded:
+                    cache = handle.new_cache()
+                    chunks = [model(ids[:, s : s + 101], past_key_values=cache).logits for s in (0, 101, 202)]
+                    logits.append(torch.cat(chunks, dim=1))
+            outputs[mode] = [x.float() for x in logits]
+    assert fused_calls
+    for fused, segments in zip(outputs["always"], outputs["never"], strict=True):
+        assert (fused - segments).abs().max() < 0.03 * segments.abs().max()

@@ -21,8 +21,8 @@ with ``E_p[logit]`` from oodlens' CPU kernel, or ``scale · <q, Σ_j p_j k_j>`` 
 keys appended to the values, so the full score matrix is never formed.
 """
 
+from ..compiling import fused_attention
 from .blockwise import DEFAULT_BLOCK, plain_block
-from .flex import fused_attention
 from .interface import ATTENTION_NAME, Binding, bind, binding_of, register, unbind
 from .kernels import explicit_logits, fused_kernel_works, run_segment
 from .plan import (

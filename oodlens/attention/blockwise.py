@@ -32,9 +32,11 @@ class RowGroup:
 
     ``q_pos``/``k_pos`` are real positions (0 = first real token); the model rotated each query and key at its
     real position plus ``rotation_offset`` (the row's padding, or its ``position_ids`` offset). ``moved_keys``
-    holds the keys at the plan's key position map, made once per layer call. ``q_host``/``k_host`` are the
-    positions on the host: every segment boundary is computed from them, so that on a GPU a block costs no
-    synchronisation (one copy per layer call instead of several reads back per block).
+    holds the keys at the plan's key position map, made once per layer call, and ``keys_at_zero`` the keys at
+    position 0 (for top-k middle keys); like every moved key they keep the row's rotation offset, which
+    cancels in each logit. ``q_host``/``k_host`` are the positions on the host: every segment boundary is
+    computed from them, so that on a GPU a block costs no synchronisation (one copy per layer call instead of
+    several reads back per block).
     """
 
     query: torch.Tensor
@@ -44,7 +46,7 @@ class RowGroup:
     k_pos: torch.Tensor
     rotation_offset: int
     moved_keys: torch.Tensor | None = field(default=None)
-    unrotated_keys: torch.Tensor | None = field(default=None)
+    keys_at_zero: torch.Tensor | None = field(default=None)
     q_host: torch.Tensor = field(init=False)
     k_host: torch.Tensor = field(init=False)
 
@@ -80,6 +82,11 @@ def _moved(
 def _index(host_positions: torch.Tensor, value: int) -> int:
     """How many of the sorted host positions are below ``value``."""
     return int(torch.searchsorted(host_positions, torch.tensor(value)))
+
+
+def _far_count(plan: LayerPlan, group: RowGroup) -> int:
+    """How many of the call's keys can be far keys: those at positions below ``n_global`` (the first ones)."""
+    return _index(group.k_host, min(plan.n_global, int(group.k_host[-1]) + 1))
 
 
 def _rows_before(q_host: torch.Tensor, value: int) -> int:
@@ -126,7 +133,7 @@ def _band_segments(plan: LayerPlan, group: RowGroup, start: int, stop: int) -> l
         )
     if window is None or plan.n_global <= 0:
         return segments
-    far_hi = min(_index(k_host, plan.n_global) if plan.n_global < last + 1 else len(k_host), mid)
+    far_hi = min(_far_count(plan, group), mid)
     far_keys = group.key if group.moved_keys is None else group.moved_keys
     for keys in (slice(0, min(far_hi, lo)), slice(lo, far_hi)):  # far for every row, then the triangle
         if keys.stop <= keys.start:
@@ -181,14 +188,14 @@ def _top_k_partial(
     """Each head's ``top_k`` highest-logit middle keys (not global, not local), seen at ``top_k_distance``."""
     q_pos, q_host = group.q_pos[start:stop], group.q_host[start:stop]
     k_pos, k_host = group.k_pos, group.k_host
-    middle_lo = _index(k_host, plan.n_global)
+    middle_lo = _far_count(plan, group)
     middle_hi = _index(k_host, int(q_host[-1]) - plan.window + 1)
     if middle_hi <= middle_lo:
         return None
     valid = k_pos[middle_lo:middle_hi][None] <= q_pos[:, None] - plan.window
     r0 = _rows_before(q_host, int(k_host[middle_lo]) + plan.window)  # the first row with a middle key
     q = _moved(plan, group, group.query[:, :, start + r0 : stop], q_pos[r0:], fixed(plan.top_k_distance))
-    keys = group.unrotated_keys[:, :, middle_lo:middle_hi]
+    keys = group.keys_at_zero[:, :, middle_lo:middle_hi]
     logits = explicit_logits(q, keys, scale, softcap).masked_fill(~valid[r0:], NEG_INF)
     k = min(plan.top_k, middle_hi - middle_lo)
     best, index = logits.topk(k, dim=-1)  # [B, H, R, k]
@@ -214,10 +221,10 @@ def _prepare(plan: LayerPlan, group: RowGroup) -> None:
     if plan.chunk is not None:
         group.moved_keys = _moved(plan, group, group.key, group.k_pos, plan.chunk.key_map())
     elif plan.window is not None and plan.n_global > 0 and not plan.far_key.is_identity:
-        n_far = min(plan.n_global, group.key.shape[2])
+        n_far = _far_count(plan, group)
         group.moved_keys = _moved(plan, group, group.key[:, :, :n_far], group.k_pos[:n_far], plan.far_key)
     if plan.top_k > 0:
-        group.unrotated_keys = _moved(plan, group, group.key, group.k_pos, fixed(0.0))
+        group.keys_at_zero = _moved(plan, group, group.key, group.k_pos, fixed(0.0))
 
 
 def _blocks(plan: LayerPlan, group: RowGroup, block_size: int) -> list[tuple[int, int]]:
@@ -244,15 +251,13 @@ def attend_group(
     batch, heads, n_queries, dim = group.query.shape
     want_mean = observer is not None
     _prepare(plan, group)
-    plain_band = observer is None and softcap is None and plan.chunk is None and plan.top_k == 0
-    if plain_band and plan.window is not None and block_size is None:
-        if flex.serves(group.query.device, group.query.dtype, n_queries, dim):
-            return _fused(plan, group, scale)
+    if flex.serves(plan, group.query, softcap=softcap, observed=observer is not None, block_size=block_size):
+        return _fused(plan, group, scale)
     if block_size is None:
         if softcap is not None:
             block_size = MATH_BLOCK  # the float32 reference kernel holds block × keys logits per head
-        elif observer is not None:
-            block_size = OBSERVED_BLOCK
+        elif observer is not None:  # a GPU takes plain blocks' size: its launches cost more than the memory
+            block_size = CUDA_BLOCK if group.query.device.type == "cuda" else OBSERVED_BLOCK
         else:  # one fused call covers plain causal attention; the other plans need blocks
             block_size = n_queries if plan.is_vanilla else plain_block(group.query.device.type)
     for bound in (plan.window, plan.chunk.chunk if plan.chunk is not None else None):
@@ -282,14 +287,16 @@ def _fused(plan: LayerPlan, group: RowGroup, scale: float) -> torch.Tensor:
     """A band plan's call on the fused path (:mod:`.flex`): the local band, and the far keys at their moved
     positions where any query is far enough from them."""
     far = None
-    n_far = _index(group.k_host, plan.n_global) if plan.n_global > 0 else 0
+    n_far = _far_count(plan, group)
     if n_far:
         far_keys = group.key if group.moved_keys is None else group.moved_keys
 
         def far_queries(rows: slice) -> torch.Tensor:
             return _moved(plan, group, group.query[:, :, rows], group.q_pos[rows], plan.far_query)
 
-        far = (far_queries, far_keys[:, :, :n_far], n_far)
+        # the first row that sees a far key: the first far key is far from query k_0 + window on
+        first_row = _rows_before(group.q_host, int(group.k_host[0]) + plan.window)
+        far = flex.FarKeys(first_row, far_queries, far_keys[:, :, :n_far])
     return flex.band_attention(
         group.query,
         group.key,

@@ -2,72 +2,78 @@
 a few kernel calls per block of queries.
 
     local keys    0 ≤ i - j < W              one call, block mask of the band (built once per shape)
-    far keys      i - j ≥ W, j < n_global    a second call, moved queries and keys (LM-Infinite's starting
-                                             tokens fill one block of keys; ReRoPE's far keys are all)
-    merged by log-sum-exp, in one fused kernel on a GPU
+    far keys      i - j ≥ W, j < n_global    a second call, moved queries and keys
+    merged by log-sum-exp, in one compiled kernel on a GPU
 
-The block mask lets the kernel skip every block of keys outside the band, so the work is O(n · W) rather
-than O(n²). The segment path (:mod:`.blockwise`) stays the reference this path is tested against, and the
-one used on a CPU, under observers, soft-capping, top-k middle keys, chunk plans and short calls.
+The band's block mask lets the kernel skip every block of keys outside it: O(n · W) work. The far call is
+small when the far keys are few (LM-Infinite's and StreamingLLM's starting tokens fill one block of keys);
+for the distance limit, ReRoPE, Self-Extend and STRING every key beyond the window is far, so that call is
+O(n²) as the method is. The segment path (:mod:`.blockwise`) stays the reference this path is tested against,
+and serves everything :func:`serves` declines.
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from typing import Literal
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from ..compiling import compile_budget, fused_on_gpu
-from ..errors import OodlensError
-from .kernels import NEG_INF
+from ..compiling import can_compile, compile_budget, compiled, fused_mode, fused_on_gpu
+from .plan import LayerPlan
 
 try:
     from torch.nn.attention import flex_attention as _flex
 except ImportError:  # an old PyTorch: the segment path serves every call
     _flex = None
 
-FusedMode = Literal["auto", "always", "never"]
-MIN_FUSED_QUERIES = 4096  # shorter calls: the segment path's few blocks cost less than building a mask
+# A guess, not a measurement: the smallest length measured (8k) already ran 2.4× faster fused than in
+# segments; below a few thousand queries the segment path's few blocks need no mask to be built.
+MIN_FUSED_QUERIES = 4096
 _MASK_CACHE_SIZE = 8
-_mode: FusedMode = "auto"
 _masks: OrderedDict[tuple, object] = OrderedDict()
-_compiled: dict[str, object] = {}
 
 
-@contextlib.contextmanager
-def fused_attention(mode: FusedMode) -> Iterator[None]:
-    """Within the block: ``"auto"`` (the fused path for long calls on a GPU), ``"always"`` (wherever it can
-    serve, a CPU included: for tests) or ``"never"`` (the segment path everywhere: for comparisons)."""
-    global _mode
-    if mode not in ("auto", "always", "never"):
-        raise OodlensError(f"fused_attention takes 'auto', 'always' or 'never', got {mode!r}")
-    previous, _mode = _mode, mode
-    try:
-        yield
-    finally:
-        _mode = previous
+@dataclass
+class FarKeys:
+    """What a band plan's far call needs: the first query row that sees a far key, the moved queries of a
+    row range, and the moved far keys (the first ``keys.shape[2]`` keys of the call)."""
+
+    first_row: int
+    queries: Callable[[slice], torch.Tensor]
+    keys: torch.Tensor
 
 
-def serves(device: torch.device, dtype: torch.dtype, n_queries: int, head_dim: int) -> bool:
-    """Whether the fused path runs a band plan's call of ``n_queries`` on ``device`` (the caller has checked
-    that the call has no observer, soft-cap, top-k or chunk plan).
-
-    On a GPU only in half precision: compiled FlexAttention refused float32 with small heads on the H200
-    (no kernel choice), and float32 there is for exactness, which the segment path gives."""
-    if _flex is None or _mode == "never" or head_dim < 16 or head_dim & (head_dim - 1):
+def serves(
+    plan: LayerPlan, query: torch.Tensor, *, softcap: float | None, observed: bool, block_size: int | None
+) -> bool:
+    """Whether the fused path runs this call (one answer for the engine): a band plan (a window; no top-k
+    middle keys, no chunks), no soft-cap, no observer, no fixed block size, no gradient, a power-of-two head
+    size; on a GPU in half precision (compiled FlexAttention refused float32 with small heads on the H200,
+    and float32 there is for exactness, which the segment path gives) with at least
+    :data:`MIN_FUSED_QUERIES` queries, or anywhere under ``fused_attention("always")``."""
+    head_dim, n_queries, device = query.shape[-1], query.shape[2], query.device
+    band = plan.window is not None and plan.chunk is None and plan.top_k == 0
+    plain = softcap is None and not observed and block_size is None
+    gradient = torch.is_grad_enabled() and query.requires_grad  # the CPU's FlexAttention has no backward
+    if _flex is None or fused_mode() == "never" or not (band and plain) or gradient:
         return False
-    if device.type == "cuda" and dtype not in (torch.bfloat16, torch.float16):
+    if head_dim < 16 or head_dim & (head_dim - 1):
         return False
-    if device.type != "cuda" and torch.is_grad_enabled():  # FlexAttention has no backward on a CPU
+    half = query.dtype in (torch.bfloat16, torch.float16)
+    if device.type == "cuda" and not (half and can_compile(device)):
         return False
-    if _mode == "always":
+    if fused_mode() == "always":
         return True
     return device.type == "cuda" and n_queries >= MIN_FUSED_QUERIES
+
+
+def clear_caches() -> None:
+    """Drop the block masks kept for reuse (each holds index tables of its shape and its position tensors)."""
+    _masks.clear()
 
 
 def _key_signature(positions: torch.Tensor) -> tuple[int, ...]:
@@ -105,7 +111,7 @@ def _block_mask(kind: str, window: int, q_pos, k_pos, q_host, k_host):
             q_pos.numel(),
             k_pos.numel(),
             device=q_pos.device,
-            _compile=q_pos.device.type == "cuda",  # compiled: memory O(n), not a dense n × n evaluation
+            _compile=can_compile(q_pos.device),  # compiled: memory O(n), not a dense n × n evaluation
         )
     if cacheable:
         _masks[key] = mask
@@ -123,11 +129,7 @@ def _eager_flex(*args, **kwargs):
 
 def _kernel(device: torch.device):
     """FlexAttention, compiled on a GPU (eager it writes out the scores); eager elsewhere (tests)."""
-    if device.type != "cuda":
-        return _eager_flex
-    if "cuda" not in _compiled:
-        _compiled["cuda"] = torch.compile(_flex.flex_attention)
-    return _compiled["cuda"]
+    return compiled(_flex.flex_attention, dynamic=None) if can_compile(device) else _eager_flex
 
 
 _RETURNS_AUX = _flex is not None and "return_aux" in inspect.signature(_flex.flex_attention).parameters
@@ -137,22 +139,19 @@ def _flex_call(query, key, value, block_mask, scale) -> tuple[torch.Tensor, torc
     """``(out [B, Hq, Q, D], natural log-sum-exp [B, Hq, Q] float32)``; rows that see no key get -inf."""
     kernel = _kernel(query.device)
     gqa = query.shape[1] != key.shape[1]
-    with compile_budget():
-        if _RETURNS_AUX:  # PyTorch ≥ 2.9 asks for the log-sum-exp through return_aux
-            out, aux = kernel(
-                query, key, value, block_mask=block_mask, scale=scale, enable_gqa=gqa,
-                return_aux=_flex.AuxRequest(lse=True),
-            )  # fmt: skip
-            lse = aux.lse
-        else:
-            out, lse = kernel(
-                query, key, value, block_mask=block_mask, scale=scale, enable_gqa=gqa, return_lse=True
-            )
-    return out, lse.float().masked_fill(lse == float("inf"), NEG_INF)
+    if _RETURNS_AUX:  # PyTorch ≥ 2.9 asks for the log-sum-exp through return_aux
+        out, aux = kernel(
+            query, key, value, block_mask=block_mask, scale=scale, enable_gqa=gqa,
+            return_aux=_flex.AuxRequest(lse=True),
+        )  # fmt: skip
+        return out, aux.lse.float()
+    out, lse = kernel(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=gqa, return_lse=True)
+    return out, lse.float()
 
 
 def _merge(out: torch.Tensor, lse: torch.Tensor, far_out: torch.Tensor, far_lse: torch.Tensor):
-    """Two partial softmax results over disjoint keys merged by log-sum-exp, in the outputs' dtype."""
+    """Two partial softmax results over disjoint keys merged by log-sum-exp, in the outputs' dtype. Every row
+    sees itself in the band, so ``lse`` is finite and so is the total."""
     total = torch.logaddexp(lse, far_lse)
     own = torch.exp(lse - total).unsqueeze(-1)
     other = torch.exp(far_lse - total).unsqueeze(-1)
@@ -169,18 +168,18 @@ def band_attention(
     k_host: torch.Tensor,
     scale: float,
     window: int,
-    far: tuple[Callable[[slice], torch.Tensor], torch.Tensor, int] | None,
+    far: FarKeys | None,
 ) -> torch.Tensor:
-    """Attention of queries ``[B, Hq, Q, D]`` over the local band of keys ``[B, Hkv, K, D]`` at true positions
-    and, when ``far = (moved queries of a row range, moved far keys, n_far)`` is given, over the first
-    ``n_far`` keys once they are ``window`` or more behind, seen at the moved positions. ``[B, Q, Hq, D]``."""
+    """Attention of queries ``[B, Hq, Q, D]`` over the local band of keys ``[B, Hkv, K, D]`` at their true
+    positions and, with ``far``, over the far keys once they are ``window`` or more behind, seen at the moved
+    positions. Returns ``[B, Q, Hq, D]``."""
     local_mask = _block_mask("local", window, q_pos, k_pos, q_host, k_host)
     out, lse = _flex_call(query, key, value, local_mask, scale)
-    first = int(torch.searchsorted(q_host, k_host[:1] + window)) if far is not None else q_host.numel()
-    if first < q_host.numel():  # rows from `first` on see a far key
-        moved_queries, far_key, n_far = far
-        rows = slice(first, None)
+    if far is not None and far.first_row < q_host.numel():
+        rows, n_far = slice(far.first_row, None), far.keys.shape[2]
         far_mask = _block_mask("far", window, q_pos[rows], k_pos[:n_far], q_host[rows], k_host[:n_far])
-        far_out, far_lse = _flex_call(moved_queries(rows), far_key, value[:, :, :n_far], far_mask, scale)
-        out[:, :, rows] = fused_on_gpu(_merge)(out[:, :, rows], lse[:, :, rows], far_out, far_lse)
+        far_out, far_lse = _flex_call(far.queries(rows), far.keys, value[:, :, :n_far], far_mask, scale)
+        # out of place: FlexAttention's output stays as it returned it
+        merged = fused_on_gpu(_merge)(out[:, :, rows], lse[:, :, rows], far_out, far_lse)
+        out = torch.cat([out[:, :, : far.first_row], merged], dim=2)
     return out.transpose(1, 2)

@@ -22,7 +22,7 @@ import torch
 from transformers import PreTrainedModel
 
 from ..capture import Diagnosis, diagnose
-from ..display import Displayed
+from ..display import Displayed, estimate_text
 from ..errors import OodlensError
 from ..models import train_length_of
 from ..policies import Policy, vanilla
@@ -31,6 +31,7 @@ from .generation import passkey_retrieval
 from .perplexity import PerplexityResult, perplexity_by_position
 from .scoring import TRUNCATED_BASELINE
 from .speed import decode_speed
+from .tasks import TaskResult, score_estimate, task_accuracy
 
 # the repair map's columns, in the order of the paper's factors and then the two outcomes
 REPAIRS = ("factor 1: logits", "factor 2: entropy", "factor 3: sink mass", "perplexity", "retrieval")
@@ -130,7 +131,8 @@ class MethodComparison(Displayed):
     """The measurements of a comparison: ``methods`` maps each method's name to :func:`measure_method`'s
     dict (``"vanilla"`` among them for the repair map), ``baseline`` is :func:`measure_baseline`'s,
     ``reference`` :func:`measure_reference`'s (at ``within_length``), ``speed`` the rows of
-    :meth:`DecodeSpeedResult.to_dataframe` at ``length`` (or None)."""
+    :meth:`DecodeSpeedResult.to_dataframe` at ``length`` (or None), ``tasks`` the rows of
+    :meth:`TaskResult.to_dataframe` of every method and the baseline (or None)."""
 
     methods: dict[str, dict[str, Any]]
     baseline: dict[str, Any]
@@ -140,6 +142,7 @@ class MethodComparison(Displayed):
     within_length: int
     passkey_lengths: list[int]
     speed: pd.DataFrame | None = field(default=None, repr=False)
+    tasks: pd.DataFrame | None = field(default=None, repr=False)
 
     def headline(self) -> dict[str, Any]:
         return {"methods": len(self.methods), "train_length": self.train_length, "length": self.length}
@@ -186,8 +189,9 @@ class MethodComparison(Displayed):
 
     def table(self) -> pd.DataFrame:
         """One row per method and the baseline: perplexity within L and its ratio to the baseline beyond,
-        passkey ``correct/n`` per length, the factors beyond L, prefill seconds, decode ms per token and
-        cache MiB at ``length``."""
+        passkey ``correct/n`` per length, the mean task score per task length over every task's prompts
+        (with its interval), the factors beyond L, prefill seconds, decode ms per token and cache MiB at
+        ``length``."""
         decode = self.speed.set_index("method") if self.speed is not None else pd.DataFrame()
         (within, *beyond) = self.spans()
         rows = []
@@ -198,6 +202,9 @@ class MethodComparison(Displayed):
                 row[f"ppl {start}-{end} / baseline"] = self.span_ppl(name, start, end) / reference
             for length, estimate in self.passkey(name).items():
                 row[f"passkey @{length}"] = f"{round(estimate.value * estimate.n)}/{estimate.n}"
+            if self.tasks is not None:
+                for length, rows_at in self.tasks[self.tasks["method"] == name].groupby("length"):
+                    row[f"tasks @{length}"] = estimate_text(score_estimate(rows_at["score"]).to_dict())
             factors = self.methods.get(name, {}).get("factors", {})
             row["max logit >L"] = factors.get("max_logit_beyond")
             row["entropy >L"] = factors.get("entropy_beyond")
@@ -209,6 +216,13 @@ class MethodComparison(Displayed):
                 row[f"{label} @{self.length}"] = value
             rows.append(row)
         return pd.DataFrame(rows)
+
+    def task_table(self) -> pd.DataFrame:
+        """Per (method, task, length): the mean score with its 95 % interval and n
+        (:meth:`TaskResult.accuracy`); empty without tasks."""
+        if self.tasks is None:
+            return TaskResult().accuracy()
+        return TaskResult(rows=self.tasks.to_dict("records")).accuracy()
 
     def repairs(self) -> pd.DataFrame:
         """The repair map's cells, one row per (method, quantity): ``ratio`` of the method's value beyond L to
@@ -251,6 +265,9 @@ def compare_methods(
     within_length: int | None = None,
     bucket: int | None = None,
     decode_steps: int = DEFAULT_DECODE_STEPS,
+    tasks: Sequence[str] = (),
+    task_lengths: Sequence[int] | None = None,
+    task_samples: int = 4,
     progress: bool = True,
 ) -> MethodComparison:
     """Measure every policy side by side on ``windows [n, length]`` (vanilla first if missing, as the repair
@@ -258,8 +275,9 @@ def compare_methods(
 
     Defaults: ``capture_length`` min(2 L, length), ``passkey_lengths`` 1.5 L and 2 L, vanilla's passkey
     reference at ``within_length`` L / 2, ``bucket`` L / 8; decoding after ``length`` tokens of context
-    (``decode_steps=0`` skips it). RoPE rescaling should be stretched to ``length`` by its caller
-    (``policy_by_name("yarn", target_length=length)``).
+    (``decode_steps=0`` skips it); ``tasks`` (names of :data:`oodlens.tasks.TASKS`) with ``task_samples``
+    prompts each at ``task_lengths`` (default 1.5 L). RoPE rescaling should be stretched to ``length`` by its
+    caller (``policy_by_name("yarn", target_length=length)``).
     """
     train = train_length_of(model, train_length)
     length = windows.shape[-1]
@@ -290,8 +308,20 @@ def compare_methods(
         speed = decode_speed(
             model, list(named.values()), [length], steps=decode_steps, progress=progress
         ).to_dataframe()
+    task_rows = None
+    if tasks:
+        task_rows = task_accuracy(
+            model,
+            tokenizer,
+            list(named.values()),
+            tasks,
+            lengths=list(task_lengths or [3 * train // 2]),
+            n_samples=task_samples,
+            train_length=train,
+            progress=progress,
+        ).to_dataframe()
     return MethodComparison(
-        measured, baseline, reference, train, length, within_length, passkey_lengths, speed
+        measured, baseline, reference, train, length, within_length, passkey_lengths, speed, task_rows
     )
 
 

@@ -273,7 +273,7 @@ def streaming_perplexity(
         cache = _stream_cache(model, handle, max_tokens)
         started = time.perf_counter()
         for ids in _rechunk(token_stream, chunk, max_tokens):
-            reset_device_peak(device)
+            was_reset = reset_device_peak(device)
             chunk_started = time.perf_counter()
             ids = ids.to(device)
             hidden = forward_hidden(model, ids[None], use_cache=True, **cache_kwargs(model, cache))[0]
@@ -283,7 +283,8 @@ def streaming_perplexity(
             sums.add(position if previous_logits is not None else 1, nll.cpu())  # position 0 has no score
             previous_logits = output_logits(model, hidden[-1:])
             position += ids.numel()
-            sums.add_chunk(position - 1, device_peak_gib(device), time.perf_counter() - chunk_started)
+            seconds_taken = time.perf_counter() - chunk_started
+            sums.add_chunk(position - 1, device_peak_gib(device, was_reset), seconds_taken)
             peak = max(peak, _stored_tokens(cache))
             bar.update(ids.numel())
         seconds = time.perf_counter() - started

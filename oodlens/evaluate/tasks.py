@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from transformers import PreTrainedModel
@@ -28,6 +29,15 @@ from .prefix import SharedPrefix
 from .scoring import inference, methods_of, progress_bar
 
 DEFAULT_TASKS = ("niah_single", "niah_multikey", "variable_tracking", "common_words", "frequent_words")
+
+
+def score_estimate(scores: Any) -> Estimate:
+    """The mean of task scores with its 95 % interval: Wilson where every score is 0 or 1 (a proportion),
+    else a bootstrap over prompts."""
+    scores = np.asarray(scores, dtype=float)
+    if ((scores == 0) | (scores == 1)).all():
+        return Estimate.proportion(int(scores.sum()), scores.size)
+    return Estimate.mean(scores)
 
 
 @dataclass(repr=False)
@@ -54,15 +64,8 @@ class TaskResult(Displayed):
     def estimates(self) -> dict[tuple[str, str, int], Estimate]:
         """Per (method, task, length): the mean score with its 95 % interval — Wilson where every score is 0
         or 1 (a proportion), else a bootstrap over prompts."""
-        out = {}
         cells = self.to_dataframe().groupby(["method", "task", "length"], sort=False)
-        for (method, task, length), rows in cells:
-            scores = rows["score"].to_numpy(dtype=float)
-            binary = ((scores == 0) | (scores == 1)).all()
-            out[method, task, int(length)] = (
-                Estimate.proportion(int(scores.sum()), scores.size) if binary else Estimate.mean(scores)
-            )
-        return out
+        return {(m, task, int(length)): score_estimate(rows["score"]) for (m, task, length), rows in cells}
 
     def accuracy(self) -> pd.DataFrame:
         """method, task, length, value (mean score), low, high, n, interval (wilson or bootstrap)."""

@@ -28,7 +28,7 @@ from .style import PANEL_SIZE, method_rank, method_style, styled
 # ------------------------------------------------------------------------------------------ evaluation
 
 PERPLEXITY_COLUMNS = ["start", "end", "nll", "n_tokens"]  # method optional (StreamingResult has none)
-STREAMING_COLUMNS = ["start", "nll", "n_tokens", "peak_memory_gib"]
+STREAMING_COLUMNS = ["start", "end", "nll", "n_tokens", "peak_memory_gib"]
 PASSKEY_COLUMNS = ["method", "length", "depth", "correct"]
 GENERATION_COLUMNS = ["method", "milestone", "bleu", "rouge_l"]
 COMPARISON_COLUMNS = ["method", "metric", "value"]
@@ -69,7 +69,7 @@ def plot_perplexity_by_position(
 @styled
 def plot_streaming(data: Any, bucket: int = 65_536, train_length: int | None = None) -> Figure:
     """A long stream (``StreamingResult.to_dataframe``, one frame per method): perplexity and peak memory per
-    ``bucket`` of stream positions, one line per method.
+    ``bucket`` of stream positions, one line per method, each point at the middle of the positions it covers.
 
     The result's own (finer) buckets are pooled into ``bucket``-wide ones, token-weighted; the band is a 95 %
     bootstrap interval over the fine buckets inside each, and memory is the largest peak among them. Flat
@@ -79,10 +79,11 @@ def plot_streaming(data: Any, bucket: int = 65_536, train_length: int | None = N
     if bucket < 1:
         raise OodlensError(f"plot_streaming needs a bucket of at least 1 token, got {bucket}")
     runs = run_frames(data, "streaming", STREAMING_COLUMNS)
-    runs = runs[runs["n_tokens"] > 0].assign(position=(runs["start"] // bucket + 0.5) * bucket)
+    runs = runs[runs["n_tokens"] > 0].assign(display=runs["start"] // bucket)
     rows = []
-    for (series, position), group in runs.groupby(["series", "position"], sort=False):
+    for (series, _), group in runs.groupby(["series", "display"], sort=False):
         ppl, low, high, _ = perplexity_interval(group["nll"], group["n_tokens"])
+        position = (group["start"].min() + group["end"].max()) / 2  # the last bucket may end early
         memory = group["peak_memory_gib"].max()
         rows.append(dict(series=series, position=position, ppl=ppl, low=low, high=high, memory=memory))
     pooled = pd.DataFrame(rows)
