@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from oodlens import evaluate
+from oodlens.data import passkey_prompt
 from oodlens.errors import OodlensError
 from oodlens.evaluate import generation
 from oodlens.memory import device_peak_gib, reset_device_peak, resident_gib
@@ -217,6 +218,35 @@ def test_a_shared_prefix_is_computed_once_per_window(llama):
     assert counted[False] == 2 * length + (train + train + 36)
     # shared: the first 64 tokens once, 36 more per method; the baseline's first piece is the prefix itself
     assert counted[True] == train + 2 * (length - train) + (train + 36)
+
+
+def test_passkey_prompts_of_one_length_run_their_common_filler_once_per_method(llama):
+    """Each method's trunk grows from needle to needle: the filler before the deepest needle runs once, and
+    each prompt only from its needle on (one new token: the prompt's own forward and nothing more)."""
+    depths, length = (0.8, 0.1, 0.5), 340  # out of order: the trunks take them by needle position
+    policies = [vanilla(), lm_infinite(n_global=3, n_local=40, distance_limit=32)]
+    counter = _TokenCounter(llama.model)
+    try:
+        shared = evaluate.passkey_retrieval(
+            llama.model, llama.tokenizer, policies, lengths=[length], depths=depths,
+            train_length=TINY_TRAIN_LENGTH, max_new_tokens=1, truncated_baseline=False, progress=False,
+        ).to_dataframe()  # fmt: skip
+    finally:
+        counter.remove()
+    prompts = [
+        passkey_prompt(llama.tokenizer, length, depth, seed=generation._passkey_seed(0, length, depth, 0))
+        for depth in depths
+    ]
+    deepest = max(prompt.needle_position for prompt in prompts)
+    after_needles = sum(prompt.length - prompt.needle_position for prompt in prompts)
+    assert counter.tokens == len(policies) * (deepest + after_needles)
+    assert shared.depth.tolist() == list(depths) * 2  # the rows keep the cells' order
+    alone = evaluate.passkey_retrieval(
+        llama.model, llama.tokenizer, policies, lengths=[length], depths=depths,
+        train_length=TINY_TRAIN_LENGTH, max_new_tokens=1, truncated_baseline=False, share_prefix=False,
+        progress=False,
+    ).to_dataframe()  # fmt: skip
+    assert shared.equals(alone)
 
 
 def test_passkey_and_generation_give_the_same_answers_with_a_shared_prefix(llama):

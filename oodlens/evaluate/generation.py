@@ -20,7 +20,7 @@ from ..errors import OodlensError
 from ..models import train_length_of
 from ..policies import Policy, PolicyHandle, apply_policy, vanilla
 from ..stats import Estimate
-from .prefix import SharedPrefix
+from .prefix import SharedPrefix, Trunks
 from .scoring import (
     Method,
     cache_kwargs,
@@ -92,17 +92,22 @@ def greedy_jobs(
     pad_token_id: int | None,
     train_length: int,
     answers: dict[tuple, torch.LongTensor],
+    trunks: tuple[Trunks, int] | None = None,
 ) -> list[torch.LongTensor]:
     """The greedy answer to each ``(method, prompt)`` job, memoised in ``answers`` (see :func:`_answer_key`).
 
     With a ``prefix``, the jobs to run whose prompts begin ``text [T]`` first share its longest start on which
-    they all attend as vanilla (``prefix`` is extended to it, or restarted if it holds more).
+    they all attend as vanilla (``prefix`` is extended to it, or restarted if it holds more). With ``trunks =
+    (trunks, n)`` instead, each such job continues from its own policy's trunk holding ``text[:n]``.
     """
     keys = [_answer_key(method.policy, ids, max_new_tokens, train_length) for method, ids in jobs]
     todo: dict[tuple, tuple[Method, torch.LongTensor]] = {}
     for key, job in zip(keys, jobs, strict=True):
         if key not in answers:
             todo.setdefault(key, job)
+    if trunks is not None:
+        settings = (max_new_tokens, pad_token_id, train_length)
+        return _trunk_jobs(model, todo, keys, text, trunks, settings, answers)
     starts = [(method, ids) for method, ids in todo.values() if torch.equal(ids, text[: ids.numel()])]
     if prefix is not None and starts:
         vanilla_until = [
@@ -115,6 +120,27 @@ def greedy_jobs(
     return [answers[key] for key in keys]
 
 
+def _trunk_jobs(
+    model: PreTrainedModel,
+    todo: dict[tuple, tuple[Method, torch.LongTensor]],
+    keys: list[tuple],
+    text: torch.LongTensor,
+    trunks: tuple[Trunks, int],
+    settings: tuple[int, int | None, int],
+    answers: dict[tuple, torch.LongTensor],
+) -> list[torch.LongTensor]:
+    """:func:`greedy_jobs` with trunks: a job whose prompt begins ``text`` continues from the trunk of the
+    policy it answers under (the key's), holding ``text[:n]``; ``settings``: max_new_tokens, pad_token_id,
+    train_length."""
+    (held, shared), (max_new_tokens, pad_token_id, train_length) = trunks, settings
+    for key, (_, ids) in todo.items():
+        begins = torch.equal(ids, text[: ids.numel()]) and shared < ids.numel()
+        trunk = held.up_to(key[0], text, shared) if begins else None
+        with apply_policy(model, key[0], train_length=train_length) as handle:
+            answers[key] = greedy(model, handle, ids, max_new_tokens, pad_token_id, trunk)
+    return [answers[key] for key in keys]
+
+
 def answer_prompt(
     model: PreTrainedModel,
     tokenizer: Any,
@@ -124,14 +150,14 @@ def answer_prompt(
     max_new_tokens: int,
     train_length: int,
     answers: dict[tuple, torch.LongTensor],
+    trunks: tuple[Trunks, int] | None = None,
 ) -> list[tuple[Method, int, str]]:
     """Each method's greedy answer to ``prompt [T]`` as ``(method, prompt tokens it saw, text)``: the
     truncated baseline sees only the last ``train_length`` tokens (the question stays), every other method
-    all of them (see :func:`greedy_jobs` for ``prefix`` and ``answers``)."""
+    all of them (see :func:`greedy_jobs` for ``prefix``, ``trunks`` and ``answers``)."""
     jobs = [(method, prompt[-train_length:] if method.truncated else prompt) for method in methods]
-    outputs = greedy_jobs(
-        model, jobs, prompt, prefix, max_new_tokens, pad_token_id_of(tokenizer), train_length, answers
-    )
+    pad = pad_token_id_of(tokenizer)
+    outputs = greedy_jobs(model, jobs, prompt, prefix, max_new_tokens, pad, train_length, answers, trunks)
     return [
         (method, ids.numel(), tokenizer.decode(new_ids, skip_special_tokens=True))
         for (method, ids), new_ids in zip(jobs, outputs, strict=True)
@@ -232,8 +258,9 @@ def passkey_retrieval(
     runs vanilla. The paper's LM-Infinite passkey numbers use ``lm_infinite(top_k=5)``.
 
     A method that attends as vanilla over the whole prompt and answer (e.g. LM-Infinite on a prompt that fits
-    in its window) gives vanilla's answer, which is generated once. ``share_prefix`` runs the start of each
-    prompt on which the methods attend as vanilla once (see :func:`perplexity_by_position`).
+    in its window) gives vanilla's answer, which is generated once. With ``share_prefix`` the prompts of one
+    length, whose intro and filler are the same up to their needles, run that start once per method: each
+    method's trunk grows from one needle to the next and each prompt continues from a copy of it.
     """
     train_length = train_length_of(model, train_length)
     if samples_per_cell < 1 or max_new_tokens < 1:
@@ -250,11 +277,17 @@ def passkey_retrieval(
     }
     result = PasskeyResult()
     answers: dict[tuple, torch.LongTensor] = {}
+    trunks = {length: Trunks(model, train_length) for length in lengths}
+    # at one length the prompts share intro and filler up to their needles: in the needles' order each
+    # method's trunk only grows (rows are sorted back into the cells' order below)
+    order = sorted(prompts, key=lambda cell: (lengths.index(cell[0]), prompts[cell].needle_position))
     with inference(model), progress_bar(len(methods) * len(cells), progress, "prompt", "passkey") as bar:
-        for (length, depth, sample), prompt in prompts.items():
-            prefix = SharedPrefix(model, train_length) if share_prefix else None
+        for length, depth, sample in order:
+            prompt = prompts[length, depth, sample]
+            shared = (trunks[length], prompt.needle_position) if share_prefix else None
+            ids = prompt.input_ids
             replies = answer_prompt(
-                model, tokenizer, methods, prompt.input_ids, prefix, max_new_tokens, train_length, answers
+                model, tokenizer, methods, ids, None, max_new_tokens, train_length, answers, shared
             )
             for method, seen, generated in replies:
                 result.rows.append(dict(
@@ -263,8 +296,11 @@ def passkey_retrieval(
                     correct=passkey_correct(generated, prompt.passkey),
                 ))  # fmt: skip
                 bar.update()
-    order = {method.name: index for index, method in enumerate(methods)}
-    result.rows.sort(key=lambda row: order[row["method"]])  # stable: cells stay in their order
+    method_rank = {method.name: index for index, method in enumerate(methods)}
+    cell_rank = {cell: index for index, cell in enumerate(cells)}
+    result.rows.sort(
+        key=lambda row: (method_rank[row["method"]], cell_rank[row["length"], row["depth"], row["sample"]])
+    )
     return result
 
 

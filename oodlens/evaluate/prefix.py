@@ -1,5 +1,6 @@
 """The shared prefix: the start of a sequence on which every method attends as vanilla does runs once, and
-each method continues from its own copy of the key/value cache."""
+each method continues from its own copy of the key/value cache. Trunks: prompts that share a start which
+moves forward from prompt to prompt (the filler before each needle) run it once per method."""
 
 from __future__ import annotations
 
@@ -10,22 +11,25 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from ..cache import continue_from
-from ..policies import PolicyHandle, apply_policy, vanilla
+from ..policies import Policy, PolicyHandle, apply_policy, vanilla
 from .scoring import Method, cache_kwargs, forward_hidden, new_cache, sequence_nll, token_nll
 
 
 class SharedPrefix:
-    """The first tokens of one sequence, run once under vanilla; every method that attends as vanilla does
-    over them continues from its own copy of this key/value cache instead of computing them again.
+    """The first tokens of one sequence, run once under ``policy`` (vanilla by default); every method that
+    attends as that policy does over them continues from its own copy of this key/value cache instead of
+    computing them again.
 
     Below its window a policy *is* vanilla (see :meth:`~oodlens.policies.Policy.vanilla_prefix`), so for
     the usual methods the first ``train_length`` tokens of every window are shared. The cache holds the keys
-    and values of ``length`` tokens in every layer while the methods run.
+    and values of ``length`` tokens in every layer while the methods run (all of them, also for a policy with
+    a bounded cache: a continuation copies what its own cache keeps).
     """
 
-    def __init__(self, model: PreTrainedModel, train_length: int):
+    def __init__(self, model: PreTrainedModel, train_length: int, policy: Policy | None = None):
         self.model = model
         self.train_length = train_length
+        self.policy = policy or vanilla()
         self._restart()
 
     def _restart(self) -> None:
@@ -43,7 +47,7 @@ class SharedPrefix:
             raise ValueError(f"a prefix of {self.length} tokens cannot become {length} tokens of this text")
         device = self.model.get_output_embeddings().weight.device
         new = ids[self.length : length].to(device)[None]
-        with apply_policy(self.model, vanilla(), train_length=self.train_length):
+        with apply_policy(self.model, self.policy, train_length=self.train_length):
             hidden = forward_hidden(self.model, new, use_cache=True, **cache_kwargs(self.model, self.cache))
         self.ids = ids[:length].clone()
         return hidden[0]
@@ -58,7 +62,7 @@ class SharedPrefix:
     def fork(self) -> SharedPrefix:
         """A copy that can be extended without changing this one: prompts that share a start (the filler
         before a needle at one depth) each continue their own copy of it."""
-        copy = SharedPrefix(self.model, self.train_length)
+        copy = SharedPrefix(self.model, self.train_length, self.policy)
         copy.ids = self.ids.clone()
         copy.cache = continue_from(self.cache, DynamicCache(config=self.model.config))
         return copy
@@ -70,6 +74,26 @@ class SharedPrefix:
     def cache_for(self, handle: PolicyHandle) -> Any:
         """A new cache for the applied policy, holding this prefix."""
         return continue_from(self.cache, new_cache(self.model, handle))
+
+
+class Trunks:
+    """Prompts whose common start grows from one to the next (at one passkey length, the intro and filler
+    before each needle, taken in the order of the needles): per policy, one :class:`SharedPrefix` run under
+    that policy and extended from prompt to prompt, so each prompt runs only from its needle on."""
+
+    def __init__(self, model: PreTrainedModel, train_length: int):
+        self.model = model
+        self.train_length = train_length
+        self._by_policy: dict[str, SharedPrefix] = {}
+
+    def up_to(self, policy: Policy, text: torch.LongTensor, length: int) -> SharedPrefix | None:
+        """The trunk of ``policy`` holding ``text[:length]`` (extended, or restarted if it holds other
+        tokens); None when there is nothing to share."""
+        if length < 1:
+            return None
+        trunk = self._by_policy.setdefault(policy.name, SharedPrefix(self.model, self.train_length, policy))
+        trunk.reach(text, length)
+        return trunk
 
 
 def shared_length(methods: Sequence[Method], train_length: int, limit: int) -> int:
