@@ -249,6 +249,28 @@ def test_passkey_prompts_of_one_length_run_their_common_filler_once_per_method(l
     assert shared.equals(alone)
 
 
+@pytest.mark.parametrize("name", ["dual-chunk", "ntk", "self-extend"])
+def test_passkey_with_trunks_equals_prompts_alone_for_methods_that_depend_on_the_call(llama, name):
+    """DCA's logit factor and dynamic NTK's frequencies depend on each call's length: such methods run every
+    prompt alone (a trunk would change the keys); Self-Extend does not, and shares."""
+    policy = policy_by_name(name, target_length=400) if name == "ntk" else policy_by_name(name)
+    runs = {}
+    for share in (True, False):
+        counter = _TokenCounter(llama.model)
+        try:
+            runs[share] = evaluate.passkey_retrieval(
+                llama.model, llama.tokenizer, [policy], lengths=[340], depths=(0.3, 0.7),
+                train_length=TINY_TRAIN_LENGTH, max_new_tokens=2, truncated_baseline=False,
+                share_prefix=share, progress=False,
+            ).to_dataframe()  # fmt: skip
+        finally:
+            counter.remove()
+        runs[share, "tokens"] = counter.tokens
+    assert runs[True].equals(runs[False])
+    assert policy.runs_in_pieces(TINY_TRAIN_LENGTH) == (name == "self-extend")
+    assert (runs[True, "tokens"] < runs[False, "tokens"]) == (name == "self-extend")
+
+
 def test_passkey_and_generation_give_the_same_answers_with_a_shared_prefix(llama):
     policies = [vanilla(), lm_infinite(n_global=3, n_local=40, distance_limit=32)]
     passkey, generation, tokens = {}, {}, {}

@@ -106,6 +106,8 @@ def greedy_jobs(
         if key not in answers:
             todo.setdefault(key, job)
     if trunks is not None:
+        if prefix is not None:
+            raise OodlensError("greedy_jobs takes a shared prefix or trunks, not both")
         settings = (max_new_tokens, pad_token_id, train_length)
         return _trunk_jobs(model, todo, keys, text, trunks, settings, answers)
     starts = [(method, ids) for method, ids in todo.values() if torch.equal(ids, text[: ids.numel()])]
@@ -258,33 +260,37 @@ def passkey_retrieval(
     runs vanilla. The paper's LM-Infinite passkey numbers use ``lm_infinite(top_k=5)``.
 
     A method that attends as vanilla over the whole prompt and answer (e.g. LM-Infinite on a prompt that fits
-    in its window) gives vanilla's answer, which is generated once. With ``share_prefix`` the prompts of one
-    length, whose intro and filler are the same up to their needles, run that start once per method: each
-    method's trunk grows from one needle to the next and each prompt continues from a copy of it.
+    in its window) gives vanilla's answer, which is generated once. With ``share_prefix`` the prompts, whose
+    intro and filler are the same up to their needles, run that start once per method: each method's trunk
+    grows from one needle to the next and each prompt continues from a copy of it (the same answers up to
+    float rounding; methods whose result depends on how a sequence is split into calls run every prompt
+    alone).
     """
     train_length = train_length_of(model, train_length)
     if samples_per_cell < 1 or max_new_tokens < 1:
         raise OodlensError("samples_per_cell and max_new_tokens must be ≥ 1")
     methods = methods_of(policies, truncated_baseline)
-    cells = [
-        (length, depth, sample)
-        for length in lengths
-        for depth in depths
-        for sample in range(samples_per_cell)
-    ]
+    cells = list(
+        dict.fromkeys(  # a length or depth given twice is one cell
+            (length, depth, sample)
+            for length in lengths
+            for depth in depths
+            for sample in range(samples_per_cell)
+        )
+    )
     prompts = {
         cell: passkey_prompt(tokenizer, cell[0], cell[1], seed=_passkey_seed(seed, *cell)) for cell in cells
     }
     result = PasskeyResult()
     answers: dict[tuple, torch.LongTensor] = {}
-    trunks = {length: Trunks(model, train_length) for length in lengths}
-    # at one length the prompts share intro and filler up to their needles: in the needles' order each
-    # method's trunk only grows (rows are sorted back into the cells' order below)
-    order = sorted(prompts, key=lambda cell: (lengths.index(cell[0]), prompts[cell].needle_position))
+    trunks = Trunks(model, train_length)
+    # every prompt's intro and filler up to its needle is the same text, whatever its length: in the needles'
+    # order each method's trunk only grows (rows are sorted back into the cells' order below)
+    order = sorted(prompts, key=lambda cell: prompts[cell].needle_position)
     with inference(model), progress_bar(len(methods) * len(cells), progress, "prompt", "passkey") as bar:
         for length, depth, sample in order:
             prompt = prompts[length, depth, sample]
-            shared = (trunks[length], prompt.needle_position) if share_prefix else None
+            shared = (trunks, prompt.needle_position) if share_prefix else None
             ids = prompt.input_ids
             replies = answer_prompt(
                 model, tokenizer, methods, ids, None, max_new_tokens, train_length, answers, shared

@@ -1,6 +1,6 @@
 """The shared prefix: the start of a sequence on which every method attends as vanilla does runs once, and
 each method continues from its own copy of the key/value cache. Trunks: prompts that share a start which
-moves forward from prompt to prompt (the filler before each needle) run it once per method."""
+grows from prompt to prompt (the filler before each needle) run it once per method, under that method."""
 
 from __future__ import annotations
 
@@ -41,8 +41,8 @@ class SharedPrefix:
         return self.ids.numel()
 
     def extend(self, ids: torch.LongTensor, length: int) -> torch.Tensor:
-        """Run vanilla over ``ids[self.length:length]`` (``ids [T]`` must begin with the tokens already run);
-        returns the last hidden states ``[length - self.length, d]`` of the new positions."""
+        """Run this prefix's policy over ``ids[self.length:length]`` (``ids [T]`` must begin with the tokens
+        already run); returns the last hidden states ``[length - self.length, d]`` of the new positions."""
         if not torch.equal(ids[: self.length], self.ids) or length <= self.length:
             raise ValueError(f"a prefix of {self.length} tokens cannot become {length} tokens of this text")
         device = self.model.get_output_embeddings().weight.device
@@ -77,21 +77,26 @@ class SharedPrefix:
 
 
 class Trunks:
-    """Prompts whose common start grows from one to the next (at one passkey length, the intro and filler
-    before each needle, taken in the order of the needles): per policy, one :class:`SharedPrefix` run under
-    that policy and extended from prompt to prompt, so each prompt runs only from its needle on."""
+    """Prompts whose common start grows from one to the next (passkey prompts: the intro and filler before
+    each needle, the same at every length, taken in the order of the needles): per policy, one
+    :class:`SharedPrefix` run under that policy and extended from prompt to prompt, so each prompt runs only
+    from its needle on. A trunk keeps every key, also for a policy with a bounded cache (whose continuation
+    copies only what it keeps), so its memory grows with the deepest needle."""
 
     def __init__(self, model: PreTrainedModel, train_length: int):
         self.model = model
         self.train_length = train_length
-        self._by_policy: dict[str, SharedPrefix] = {}
+        self._by_policy: dict[Policy, SharedPrefix] = {}
 
     def up_to(self, policy: Policy, text: torch.LongTensor, length: int) -> SharedPrefix | None:
         """The trunk of ``policy`` holding ``text[:length]`` (extended, or restarted if it holds other
-        tokens); None when there is nothing to share."""
-        if length < 1:
+        tokens); None when there is nothing to share, or when the policy's result depends on how a sequence
+        is split into calls (:meth:`~oodlens.policies.Policy.runs_in_pieces`)."""
+        if length < 1 or not policy.runs_in_pieces(self.train_length):
             return None
-        trunk = self._by_policy.setdefault(policy.name, SharedPrefix(self.model, self.train_length, policy))
+        if policy not in self._by_policy:
+            self._by_policy[policy] = SharedPrefix(self.model, self.train_length, policy)
+        trunk = self._by_policy[policy]
         trunk.reach(text, length)
         return trunk
 

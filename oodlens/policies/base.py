@@ -101,6 +101,16 @@ class Policy:
             rotary=rotary,
         )
 
+    def runs_in_pieces(self, train_length: int) -> bool:
+        """Whether a sequence run in pieces through a cache gives what one call over it gives. Not for DCA's
+        logit factor, which depends on the length of each call, nor for RoPE rescaling that picks its
+        frequencies from each call's length (transformers' "dynamic" and "longrope")."""
+        p = self.resolve(train_length)
+        if p.query_scale is not None and p.query_scale.length_coefficient is not None:
+            return False
+        rope_type = dict(p.rope_parameters or ()).get("rope_type")
+        return rope_type not in ("dynamic", "longrope")
+
     def vanilla_prefix(self, train_length: int) -> int:
         """How many leading positions this policy attends exactly as vanilla does (0 when its rule differs
         from the first token: rescaled RoPE, a constant logit factor, DCA's length-dependent factor);
