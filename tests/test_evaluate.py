@@ -545,6 +545,15 @@ def test_streaming_a_policy_that_keeps_every_key_needs_an_explicit_bound(llama, 
         evaluate.streaming_perplexity(llama.model, _ids((100,)), policy, train_length=64, progress=False)
 
 
+@pytest.mark.parametrize("name", ["dual-chunk", "ntk"])
+def test_a_method_that_depends_on_the_call_cannot_stream(llama, name):
+    policy = policy_by_name(name, target_length=400) if name == "ntk" else policy_by_name(name)
+    with pytest.raises(OodlensError, match="split into calls"):
+        evaluate.streaming_perplexity(
+            llama.model, _ids((100,)), policy, train_length=64, max_tokens=80, progress=False
+        )
+
+
 def test_streaming_vanilla_with_an_explicit_bound(llama):
     bounded = evaluate.streaming_perplexity(
         llama.model, _ids((100,)), vanilla(), train_length=64, chunk=32, max_tokens=80, progress=False

@@ -217,6 +217,11 @@ class _BucketSums:
 
 
 def _stream_cache(model: PreTrainedModel, handle: PolicyHandle, max_tokens: int | None) -> Any:
+    if not handle.policy.runs_in_pieces(handle.train_length):
+        raise OodlensError(
+            f"{handle.policy.name}'s result depends on how a sequence is split into calls, so a stream fed "
+            "chunk by chunk would not score what one forward scores: use perplexity_by_position"
+        )
     plan = handle.policy.cache_plan(handle.train_length)
     if max_tokens is None and not plan.bounded:
         raise OodlensError(
@@ -250,7 +255,8 @@ def streaming_perplexity(
 
     Raises:
         OodlensError: the policy keeps every key (vanilla, distance limit alone, top-k) and no
-            ``max_tokens`` bounds the run.
+            ``max_tokens`` bounds the run; or its result depends on how a sequence is split into calls
+            (DCA, dynamic NTK, LongRoPE).
     """
     train_length = train_length_of(model, train_length)
     if chunk < 1 or bucket < 1 or (max_tokens is not None and max_tokens < 2):
