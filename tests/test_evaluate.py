@@ -5,6 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +18,7 @@ from oodlens import evaluate
 from oodlens.data import passkey_prompt
 from oodlens.errors import OodlensError
 from oodlens.evaluate import generation
-from oodlens.memory import device_peak_gib, reset_device_peak, resident_gib
+from oodlens.memory import resident_gib
 from oodlens.policies import (
     EVERY_KEY,
     POLICIES,
@@ -530,13 +534,22 @@ def test_streaming_keeps_each_buckets_peak_memory_and_time(llama):
 
 
 def test_device_peak_sees_an_allocation_made_after_the_reset():
-    device = torch.device("cpu")
-    reset_device_peak(device)
-    before = device_peak_gib(device)
-    block = torch.ones(64 * 2**20)  # 256 MiB, written so its pages are resident
-    after = device_peak_gib(device)
-    del block
-    assert after - before > 0.2
+    # in a fresh process: in this one, memory freed by earlier tests (kept by the allocator) could take the
+    # new block without any new resident page
+    code = (
+        "import torch\n"
+        "from oodlens.memory import device_peak_gib, reset_device_peak\n"
+        "cpu = torch.device('cpu')\n"
+        "was_reset = reset_device_peak(cpu)\n"
+        "before = device_peak_gib(cpu, was_reset)\n"
+        "block = torch.ones(64 * 2**20)  # 256 MiB, written so its pages are resident\n"
+        "print(was_reset, device_peak_gib(cpu, was_reset) - before)\n"
+    )
+    repo = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    was_reset, grown = done.stdout.split()
+    assert was_reset == "True" and float(grown) > 0.2
 
 
 @pytest.mark.parametrize("policy", [vanilla(), distance_limit(20), lm_infinite(n_local=20, top_k=2)])
