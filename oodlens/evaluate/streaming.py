@@ -164,15 +164,17 @@ class StreamingResult(Displayed):
 
 
 class _BucketSums:
-    """Running per-bucket NLL sums, memory peaks and times, grown as the stream goes (a few floats each)."""
+    """Running per-bucket columns, grown as the stream goes (a few numbers per bucket): summed NLL
+    (``total``), scored tokens (``count``), peak memory (``memory``, NaN until a chunk ends in the bucket) and
+    wall time (``seconds``)."""
+
+    EMPTY = {"total": 0.0, "count": 0, "memory": np.nan, "seconds": 0.0}  # a new bucket's value
 
     def __init__(self, bucket: int):
         self.bucket = bucket
         self.n_buckets = 0
-        self._total = np.zeros(64)
-        self._count = np.zeros(64, dtype=np.int64)
-        self._memory = np.full(64, np.nan)
-        self._seconds = np.zeros(64)
+        self._columns = {name: np.full(64, empty) for name, empty in self.EMPTY.items()}
+        self._columns["count"] = self._columns["count"].astype(np.int64)
 
     def add(self, first_position: int, nll: torch.Tensor) -> None:
         """Add the NLL ``[C]`` of positions ``first_position, first_position + 1, ...``."""
@@ -180,40 +182,28 @@ class _BucketSums:
         if not index.size:
             return
         self._grow(int(index[-1]) + 1)
-        np.add.at(self._total, index, nll.double().numpy())
-        np.add.at(self._count, index, 1)
+        np.add.at(self._columns["total"], index, nll.double().numpy())
+        np.add.at(self._columns["count"], index, 1)
 
     def add_chunk(self, position: int, gib: float, seconds: float) -> None:
         """Count a chunk's peak memory and time towards the bucket of stream position ``position``."""
         index = position // self.bucket
         self._grow(index + 1)
-        self._memory[index] = np.fmax(self._memory[index], gib)
-        self._seconds[index] += seconds
+        memory = self._columns["memory"]
+        memory[index] = np.fmax(memory[index], gib)
+        self._columns["seconds"][index] += seconds
 
     def _grow(self, n_buckets: int) -> None:
         self.n_buckets = max(self.n_buckets, n_buckets)
-        if self.n_buckets > self._total.size:  # doubling keeps a very long stream's growth cheap
-            grow = max(self.n_buckets, 2 * self._total.size) - self._total.size
-            self._total = np.concatenate([self._total, np.zeros(grow)])
-            self._count = np.concatenate([self._count, np.zeros(grow, dtype=np.int64)])
-            self._memory = np.concatenate([self._memory, np.full(grow, np.nan)])
-            self._seconds = np.concatenate([self._seconds, np.zeros(grow)])
+        size = self._columns["total"].size
+        if self.n_buckets > size:  # doubling keeps a very long stream's growth cheap
+            grow = max(self.n_buckets, 2 * size) - size
+            for name, column in self._columns.items():
+                self._columns[name] = np.concatenate([column, np.full(grow, self.EMPTY[name], column.dtype)])
 
-    @property
-    def total(self) -> np.ndarray:
-        return self._total[: self.n_buckets]
-
-    @property
-    def count(self) -> np.ndarray:
-        return self._count[: self.n_buckets]
-
-    @property
-    def memory(self) -> np.ndarray:
-        return self._memory[: self.n_buckets]
-
-    @property
-    def seconds(self) -> np.ndarray:
-        return self._seconds[: self.n_buckets]
+    def column(self, name: str) -> np.ndarray:
+        """One column over the buckets seen so far."""
+        return self._columns[name][: self.n_buckets]
 
 
 def _stream_cache(model: PreTrainedModel, handle: PolicyHandle, max_tokens: int | None) -> Any:
@@ -295,5 +285,13 @@ def streaming_perplexity(
             bar.update(ids.numel())
         seconds = time.perf_counter() - started
     return StreamingResult(
-        policy.name, bucket, sums.total, sums.count, position, seconds, peak, sums.memory, sums.seconds
+        policy.name,
+        bucket,
+        sums.column("total"),
+        sums.column("count"),
+        position,
+        seconds,
+        peak,
+        sums.column("memory"),
+        sums.column("seconds"),
     )
