@@ -16,8 +16,9 @@ Cases, each timed after a warm-up on the same shapes (CUDA synchronised, peak me
 3. ``llama-2-7b``: Llama-2-7B's shape (bf16), window 4096, prefill at 8k–32k.
 4. ``capture``: the cost of capturing the three factors (observed forward) on the SmolLM2 shape at 32k.
 5. ``decode``: time per generated token and cache size after 8k–128k tokens of context on the SmolLM2 shape
-   (:func:`oodlens.evaluate.decode_speed`: vanilla with its dynamic and its static cache, LM-Infinite and
-   StreamingLLM with their bounded caches), eager.
+   (:func:`oodlens.evaluate.decode_speed`: vanilla, LM-Infinite and StreamingLLM), eager (dynamic and bounded
+   caches) beside static (preallocated caches, each step one replayed CUDA graph); ``decode-7b``: the same on
+   Llama-2-7B's shape (window 4096), where the keys, not the launches, dominate a long context's step.
 
     python benchmarks/gpu.py --out results/                   # writes gpu.json and prints tables
     python benchmarks/gpu.py --cases one-layer --lengths 8192,65536
@@ -233,16 +234,33 @@ def capture_cost(length: int) -> list[dict]:
     return rows
 
 
-def decode(contexts: list[int], steps: int = 16) -> list[dict]:
+def decode(shape: dict, train_length: int, contexts: list[int], steps: int = 16) -> list[dict]:
     """Time per generated token and cache size after each context (random keys and values of the model's
-    shape fill the caches, so no long prefill is needed), every method interleaved."""
-    model = random_model(SMOLLM2_SHAPE)
-    methods = ["vanilla", "vanilla-static", "lm-infinite", "streaming-llm"]
-    result = decode_speed(model, methods, contexts, steps=steps, repeats=2, train_length=8192, progress=False)
+    shape fill the caches, so no long prefill is needed), every method and mode interleaved."""
+    model = random_model(shape)
+    methods = ["vanilla", "lm-infinite", "streaming-llm"]
+    result = decode_speed(
+        model,
+        methods,
+        contexts,
+        modes=("eager", "static"),
+        steps=steps,
+        repeats=2,
+        train_length=train_length,
+        progress=False,
+    )
     rows = result.to_dataframe().to_dict("records")
     for row in rows:
-        print(f"decode {row['method']:15s} after {row['context']:7d}: {row['ms_per_token']:7.2f} ms/token "
-              f"({row['ms_low']:.2f}–{row['ms_high']:.2f}), cache {row['cache_mib']:8.1f} MiB", flush=True)
+        print(f"decode {row['method']:14s} {row['mode']:6s} after {row['context']:7d}: "
+              f"{row['ms_per_token']:7.2f} ms/token ({row['ms_low']:.2f}–{row['ms_high']:.2f}), "
+              f"cache {row['cache_mib']:8.1f} MiB", flush=True)
+    for context in contexts:
+        same = result.ratio("lm-infinite", "vanilla", context, "static")
+        against_eager = result.ratio("lm-infinite", "vanilla", context, "static", "eager")
+        print(f"decode at {context}: LM-Infinite static {same:.2f}× vanilla static, {against_eager:.2f}× "
+              "vanilla eager", flush=True)
+    del model
+    torch.cuda.empty_cache()
     return rows
 
 
@@ -319,6 +337,7 @@ CASES = (
     "llama-2-7b",
     "capture",
     "decode",
+    "decode-7b",
 )
 
 
@@ -400,7 +419,9 @@ def main() -> None:
     if "profile" in cases:  # not in the default cases: run it alone
         record("profile", lambda: profile((override or [32768])[-1], args.out))
     if "decode" in cases:
-        record("decode", lambda: decode(override or [8192, 32768, 131072]))
+        record("decode", lambda: decode(SMOLLM2_SHAPE, 8192, override or [8192, 32768, 131072]))
+    if "decode-7b" in cases:
+        record("decode-7b", lambda: decode(LLAMA2_7B_SHAPE, 4096, override or [8192, 32768, 131072]))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,10 @@ def test_decode_speed_prints_every_case_and_the_goals(capsys):
 
     main(["--model", "tiny:llama", "--contexts", "128,256", "--steps", "2", "--repeats", "1"])
     printed = capsys.readouterr().out
-    for method in ("vanilla", "vanilla-static", "lm-infinite", "streaming-llm", "self-extend"):
-        assert sum(line.split()[0] == method for line in printed.splitlines() if line.strip()) == 2
-    assert "LM-Infinite ms/token from 128 to 256" in printed and "goal ≥ 2.7× vanilla at 256" in printed
+    rows = [line.split() for line in printed.splitlines() if line.strip()]
+    for method in ("vanilla", "lm-infinite", "streaming-llm"):  # both modes at both contexts
+        assert sum(row[:2] == [method, mode] for row in rows for mode in ("eager", "static")) == 4
+    assert sum(row[:2] == ["self-extend", "eager"] for row in rows) == 2  # it has no static cache
+    assert not any(row[:2] == ["self-extend", "static"] for row in rows)
+    assert "LM-Infinite (static) ms/token from 128 to 256" in printed
+    assert "goal ≥ 2.7× vanilla at 256 (eager)" in printed

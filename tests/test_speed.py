@@ -9,7 +9,7 @@ from transformers import DynamicCache
 
 from oodlens.errors import OodlensError
 from oodlens.evaluate.scoring import cache_kwargs
-from oodlens.evaluate.speed import _fill, decode_speed
+from oodlens.evaluate.speed import WARM_UP_STEPS, _fill, decode_speed
 from oodlens.models import load_model
 from oodlens.policies import apply_policy, lm_infinite, streaming_llm
 
@@ -29,27 +29,45 @@ def test_caches_are_what_each_method_keeps(tiny):
     contexts = [100, 300]
     result = decode_speed(
         tiny.model,
-        ["vanilla", "vanilla-static", "lm-infinite", "streaming-llm", "self-extend"],
+        ["vanilla", "lm-infinite", "streaming-llm", "self-extend"],
         contexts,
+        modes=("eager", "static"),
         steps=STEPS,
         progress=False,
     )
-    frame = result.to_dataframe().set_index(["method", "context"])
+    frame = result.to_dataframe().set_index(["method", "mode", "context"])
     info, train = tiny.info, tiny.info.train_length
+    assert ("self-extend", "static", 100) not in frame.index  # it keeps every key: no static cache
     for context in contexts:
         held = context + STEPS + 1  # the context, the warm-up step and the timed steps
-        for method in ("vanilla", "vanilla-static", "self-extend"):
-            assert frame.loc[(method, context), "stored_tokens"] == held
-            assert frame.loc[(method, context), "cache_mib"] == pytest.approx(_expected_mib(info, held))
-        # bounded: 10 starting tokens + L − 1 recent ones (LM-Infinite), 4 sinks + (L − 4) − 1 (StreamingLLM)
-        assert frame.loc[("lm-infinite", context), "stored_tokens"] == 10 + train - 1
-        assert frame.loc[("streaming-llm", context), "stored_tokens"] == train - 1
-        assert frame.loc[("lm-infinite", context), "cache_mib"] == pytest.approx(
+        for method in ("vanilla", "self-extend"):
+            assert frame.loc[(method, "eager", context), "stored_tokens"] == held
+            mib = frame.loc[(method, "eager", context), "cache_mib"]
+            assert mib == pytest.approx(_expected_mib(info, held))
+        # preallocated for the context, the steps and the GPU's warm-up steps before capture
+        static = context + STEPS + WARM_UP_STEPS + 1
+        assert frame.loc[("vanilla", "static", context), "stored_tokens"] == static
+        # bounded: 10 starting tokens + L − 1 recent ones (LM-Infinite), 4 sinks + (L − 4) − 1 (StreamingLLM);
+        # their static caches hold one slot more per ring (the step's own key is written before it attends)
+        assert frame.loc[("lm-infinite", "eager", context), "stored_tokens"] == 10 + train - 1
+        assert frame.loc[("streaming-llm", "eager", context), "stored_tokens"] == train - 1
+        assert frame.loc[("lm-infinite", "static", context), "stored_tokens"] == 10 + train
+        assert frame.loc[("streaming-llm", "static", context), "stored_tokens"] == train
+        assert frame.loc[("lm-infinite", "eager", context), "cache_mib"] == pytest.approx(
             _expected_mib(info, 10 + train - 1)
         )
     assert (frame["n"] == STEPS).all() and (frame["ms_per_token"] > 0).all()
     assert result.ratio("vanilla", "vanilla", 100) == 1.0
-    assert set(result.summary()["lm-infinite"]) == {"100", "300"}
+    assert result.ratio("lm-infinite", "lm-infinite", 300, "static", "eager") > 0
+    assert set(result.summary()["lm-infinite"]) == {"eager", "static"}
+    assert set(result.summary()["lm-infinite"]["static"]) == {"100", "300"}
+
+
+def test_static_mode_needs_a_method_that_has_it(tiny):
+    with pytest.raises(OodlensError, match="no static mode: add the mode 'eager'"):
+        decode_speed(tiny.model, ["self-extend"], [50], modes=("static",), steps=1, progress=False)
+    with pytest.raises(OodlensError, match="unknown decoding mode 'graph'"):
+        decode_speed(tiny.model, ["vanilla"], [50], modes=("graph",), steps=1, progress=False)
 
 
 @pytest.mark.parametrize("policy", [lm_infinite(), streaming_llm()], ids=lambda p: p.name)

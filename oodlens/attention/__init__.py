@@ -35,6 +35,7 @@ from .plan import (
     LayerPlan,
     PositionMap,
     QueryScale,
+    SlotLayout,
     fixed,
 )
 
@@ -53,6 +54,7 @@ __all__ = [
     "KeyLayout",
     "KeySource",
     "LayerPlan",
+    "SlotLayout",
     "bind",
     "binding_of",
     "explicit_logits",

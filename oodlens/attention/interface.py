@@ -19,7 +19,8 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from ..errors import OodlensError
 from .blockwise import RowGroup, attend_group
-from .plan import AttentionObserver, KeySource, LayerPlan
+from .plan import AttentionObserver, KeyLayout, KeySource, LayerPlan, SlotLayout
+from .slots import attend_slots
 
 ATTENTION_NAME = "oodlens"
 
@@ -53,23 +54,26 @@ def binding_of(module: nn.Module) -> Binding | None:
     return _BINDINGS.get(module)
 
 
-def _key_positions(key: torch.Tensor, total: int, binding: Binding | None, layer_idx: int) -> torch.Tensor:
+def _layout(binding: Binding | None, layer_idx: int, key: torch.Tensor) -> KeyLayout | SlotLayout | None:
+    """Where the keys sit, if one of the module's bounded caches returned them (None: a plain cache)."""
+    if binding is None:
+        return None
+    return next(
+        (found for cache in binding.caches if (found := cache.key_layout(layer_idx, key)) is not None), None
+    )
+
+
+def _key_positions(key: torch.Tensor, total: int, layout: KeyLayout | None) -> torch.Tensor:
     """Absolute positions ``[K]`` of the keys, for full, sliding (tail only) and bounded (head + tail)
     caches."""
     n_keys = key.shape[-2]
-    layout = None
-    if binding is not None:
-        layout = next(
-            (found for cache in binding.caches if (found := cache.key_layout(layer_idx, key)) is not None),
-            None,
-        )
     n_global = layout.n_global if layout is not None else 0
     if layout is not None:
         total = layout.total
     if n_keys > total:
         raise OodlensError(
-            f"got {n_keys} keys for {total} tokens: static (pre-allocated) caches are not supported; "
-            "use the default dynamic cache or oodlens' bounded cache"
+            f"got {n_keys} keys for {total} tokens: transformers' static caches are not supported; use the "
+            "default dynamic cache, or oodlens' bounded cache (static=True for a preallocated one)"
         )
     positions = torch.arange(n_keys, device=key.device)
     positions[n_global:] += total - n_keys
@@ -100,8 +104,7 @@ def _row_groups(
     value: torch.Tensor,
     padding: torch.Tensor | None,
     position_ids: torch.Tensor | None,
-    binding: Binding | None,
-    layer_idx: int,
+    layout: KeyLayout | None,
 ) -> Iterator[tuple[slice, torch.Tensor | None, RowGroup]]:
     """The batch rows that share positions, as ``(rows, queries kept or None, group)``: all rows at once
     without padding, else each left-padded row with its padding cut off (positions counted from its first
@@ -113,7 +116,7 @@ def _row_groups(
         total = int(position_ids[:, -1].max()) + 1
     else:
         total = key.shape[-2]
-    k_abs = _key_positions(key, total, binding, layer_idx)
+    k_abs = _key_positions(key, total, layout)
     q_abs = torch.arange(total - n_queries, total, device=query.device)
 
     def rotation_offset(row: int, pad: int) -> int:
@@ -174,7 +177,15 @@ def oodlens_attention(
     padding = (
         attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
     )
-    groups = _row_groups(query, key, value, padding, position_ids, binding, layer_idx)
+    layout = _layout(binding, layer_idx, key)
+    if isinstance(layout, SlotLayout):
+        if observer is not None or padding is not None:
+            raise OodlensError(
+                "a static bounded cache decodes unpadded batches without observers: capture a forward over "
+                "the sequence, and decode a left-padded batch with the dynamic bounded cache (static=False)"
+            )
+        return attend_slots(plan, query, key, value, layout, scale, softcap, position_ids), None
+    groups = _row_groups(query, key, value, padding, position_ids, layout)
     if padding is None:
         ((_, _, group),) = groups
         return attend_group(plan, group, scale, softcap, observer, layer_idx, block_size).contiguous(), None

@@ -177,8 +177,18 @@ class KeyLayout:
     total: int
 
 
+@dataclass(frozen=True)
+class SlotLayout:
+    """Keys in fixed slots written in place (a static bounded cache during decoding): slot ``s`` holds the key
+    at true position ``positions[s]`` (-1 while empty), and the one query sits at ``query_position``. Both
+    stay on the device, so a step that reads them needs no synchronisation."""
+
+    positions: torch.Tensor
+    query_position: torch.Tensor
+
+
 class KeySource(Protocol):
     """A cache that drops keys (see :mod:`oodlens.cache`) and can say where the keys it returned sit."""
 
-    def key_layout(self, layer_idx: int, key: torch.Tensor) -> KeyLayout | None:
+    def key_layout(self, layer_idx: int, key: torch.Tensor) -> KeyLayout | SlotLayout | None:
         """The layout of ``key`` if this cache returned it for layer ``layer_idx``, else None."""

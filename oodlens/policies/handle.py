@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .. import attention
-from ..cache import BoundedCache
+from ..cache import BoundedCache, StaticBoundedCache
 from ..errors import OodlensError
 from ..models import ModelParts, train_length_of
 from ..rope import rotary_spec_for
@@ -97,21 +97,30 @@ class PolicyHandle:
         self._unbind()
         self.active = False
 
-    def new_cache(self, attention_mask: torch.Tensor | None = None) -> BoundedCache:
+    def new_cache(self, attention_mask: torch.Tensor | None = None, static: bool = False) -> BoundedCache:
         """A bounded decoding cache that keeps the starting tokens and the last window of keys per layer.
 
         Args:
             attention_mask: ``[B, T]`` padding mask of the prompt when the batch is left-padded, so that the
                 first ``n_global`` *real* tokens of every row are kept.
+            static: preallocate the cache and write it in place (:class:`~oodlens.cache.StaticBoundedCache`):
+                a decoding step then never waits for the device and can be captured as a CUDA graph; for
+                batches without padding and runs without observers.
 
         Raises:
-            OodlensError: the policy needs the whole history (see :meth:`Policy.cache_plan`).
+            OodlensError: the policy needs the whole history (see :meth:`Policy.cache_plan`), or a static
+                cache was asked for a padded batch.
         """
         plan = self.policy.cache_plan(self.train_length)
         if not plan.bounded:
             raise OodlensError(f"{plan.reason}, so it needs the whole history: use the default dynamic cache")
-        extra = 0 if attention_mask is None else int((attention_mask == 0).long().cumprod(-1).sum(-1).max())
-        cache = BoundedCache(self.model.config, plan.n_global + extra, plan.window)
+        if static:
+            if attention_mask is not None:
+                raise OodlensError("a static bounded cache decodes unpadded batches: pass static=False")
+            cache = StaticBoundedCache(self.model.config, plan.n_global, plan.window)
+        else:
+            padded = 0 if attention_mask is None else (attention_mask == 0).long().cumprod(-1).sum(-1).max()
+            cache = BoundedCache(self.model.config, plan.n_global + int(padded), plan.window)
         for module in self.parts.attention:
             attention.binding_of(module).caches.add(cache)
         return cache
