@@ -3,6 +3,7 @@ output invariance, save/load, and one slow check of the OOD factors on the real 
 
 from __future__ import annotations
 
+import math
 import sys
 
 import numpy as np
@@ -23,6 +24,7 @@ from oodlens.capture import (
     position_probe,
     resolve_geometry,
 )
+from oodlens.capture.stats import BinnedMoments
 from oodlens.errors import OodlensError
 from oodlens.policies import attention_modules, lm_infinite, vanilla
 from oodlens.tiny import TINY_FAMILIES, tiny_model
@@ -482,3 +484,28 @@ def test_diagnose_shows_progress_per_layer(capsys):
     model = _model("llama")
     diagnose(model, _ids(model), train_length=TRAIN, progress=True)
     assert "capture vanilla, window 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("ordered", [False, True], ids=["scattered bins", "runs of bins"])
+def test_binned_moments_equal_a_loop_over_bins(ordered):
+    """Count, sums, extremes per head and bin against a plain loop; empty bins stay empty (two calls pool)."""
+    generator = torch.Generator().manual_seed(1)
+    heads, n_bins, n = 3, 12, 400
+    bins = torch.randint(0, n_bins - 2, (n,), generator=generator)  # the last two bins stay empty
+    bins = bins.sort().values if ordered else bins
+    values = torch.randn(heads, n, generator=generator)
+    moments = BinnedMoments(heads, n_bins, torch.device("cpu"))
+    moments.add(values[:, :150], bins[:150])
+    moments.add(values[:, 150:], bins[150:])
+    moments.add(values[:, :0], bins[:0])  # nothing to add
+    for b in range(n_bins):
+        chosen = values[:, bins == b]
+        assert moments.count[0, b] == chosen.shape[1]
+        if chosen.shape[1]:
+            torch.testing.assert_close(moments.total[:, b], chosen.double().sum(1))
+            torch.testing.assert_close(moments.total_sq[:, b], chosen.double().square().sum(1))
+            assert torch.equal(moments.max[:, b], chosen.amax(1))
+            assert torch.equal(moments.min[:, b], chosen.amin(1))
+        else:
+            assert moments.max[0, b] == -math.inf and moments.min[0, b] == math.inf
+            assert moments.total[0, b] == 0

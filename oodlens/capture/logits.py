@@ -119,7 +119,7 @@ class LogitObserver:
         """Factor 1: the sampled rows' logits by true distance, per-query extremes, the last query's curve."""
         logits = stats.sampled_logits.float()  # [B, H, R, K], -inf where not attended
         distances = stats.sampled_distances  # [R, K]
-        batch, heads, n_rows = logits.shape[:3]
+        batch, heads = logits.shape[:2]
         # The engine masks by position only, so one mask serves every batch row and head. Gathering the
         # attended entries first skips the masked half of each row (future keys) in all reductions below.
         attended = torch.isfinite(logits[0, 0]) & (distances >= 0)
@@ -128,9 +128,9 @@ class LogitObserver:
         bins = torch.bucketize(distances[rows, keys], distance_edges, right=True) - 1
         layer.by_distance.add(values, bins.repeat(batch))
 
-        row_index = rows.repeat(batch).expand_as(values)
-        row_max = logits.new_full((heads, n_rows), -math.inf).scatter_reduce_(1, row_index, values, "amax")
-        row_min = logits.new_full((heads, n_rows), math.inf).scatter_reduce_(1, row_index, values, "amin")
+        # dense reductions over each row (masked entries are -inf), not a scatter into R targets
+        row_max = torch.where(attended, logits, -math.inf).amax(dim=(0, -1))  # [H, R]
+        row_min = torch.where(attended, logits, math.inf).amin(dim=(0, -1))
         slots = torch.searchsorted(sampled_positions, stats.sampled_positions)  # unique within a block
         block_rows = torch.searchsorted(stats.query_positions, stats.sampled_positions)
         entropy = stats.entropy[:, :, block_rows].float()  # [B, H, R]
