@@ -10,8 +10,8 @@ keys and values (a decoding step's cost does not depend on them), so no prefill 
 method and mode at one context, then the next context; ``--repeats`` sweeps again and pools the steps.
 
 Prints the table and the goals: LM-Infinite's time per token flat within 10 % from the shortest to the
-longest context (static mode when it ran), at least 2.7× faster than vanilla at 32k (the paper's 2.72×, eager
-against eager), its cache constant.
+longest context (static mode when it ran), at least 2.7× faster than vanilla at 32k (the paper's 2.72×, in the
+first mode asked for, eager by default), its cache constant.
 
     python benchmarks/decode_speed.py                          # SmolLM2, 8k–64k: about 10 minutes
     python benchmarks/decode_speed.py --model tiny:llama --contexts 256,512 --steps 2   # seconds

@@ -14,6 +14,8 @@ Cases, each timed after a warm-up on the same shapes (CUDA synchronised, peak me
 2. ``smollm2``: SmolLM2-135M's shape (30 layers, 9 query / 3 key-value heads, bf16), window 8192, one
    prefill forward from 8k to 128k tokens.
 3. ``llama-2-7b``: Llama-2-7B's shape (bf16), window 4096, prefill at 8k–32k.
+   ``band-tuning``: the band kernel alone at 64k under a few FlexAttention kernel settings, and with a block
+   mask written from indices instead of looked-up positions, beside flash: how close the kernel can get.
 4. ``capture``: the cost of capturing the three factors (observed forward) on the SmolLM2 shape at 32k.
 5. ``decode``: time per generated token and cache size after 8k–128k tokens of context on the SmolLM2 shape
    (:func:`oodlens.evaluate.decode_speed`: vanilla, LM-Infinite and StreamingLLM), eager (dynamic and bounded
@@ -205,6 +207,55 @@ def _attention_at(plan, n: int, kv_heads: int, repeats: int) -> list[dict]:
     return rows
 
 
+BAND_OPTIONS = (  # FlexAttention kernel settings to try for the band (None: PyTorch's choice for the GPU)
+    None,
+    {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3},
+    {"USE_TMA": True},
+)
+
+
+def band_tuning(n: int = 65536, window: int = 4096, repeats: int = 5) -> list[dict]:
+    """The band kernel alone at ``n`` tokens (``[1, 32, n, 128]`` bf16, window 4096) under each of
+    :data:`BAND_OPTIONS`, with the engine's block mask (positions looked up) and with one written from the
+    indices (contiguous positions, no lookups), beside flash SDPA: what the kernel itself can reach."""
+    q, k, v = (torch.randn(1, 32, n, 128, device="cuda", dtype=torch.bfloat16) for _ in "qkv")
+    positions = torch.arange(n, device="cuda")
+    host = positions.cpu()
+    masks = {
+        "looked-up": flex._block_mask("local", window, positions, positions, host, host),
+        "indices": flex._flex.create_block_mask(
+            lambda b, h, i, j: (i - j >= 0) & (i - j < window), None, None, n, n, device="cuda"
+        ),
+    }
+    kernel = torch.compile(flex._flex.flex_attention, dynamic=False)
+    def flash():
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    flash()
+    flash_s = min(timed(flash)[0] for _ in range(repeats))
+    rows = []
+    for options in BAND_OPTIONS:
+        for mask_name, mask in masks.items():
+            def run(mask=mask, options=options):
+                return kernel(q, k, v, block_mask=mask, scale=128**-0.5, kernel_options=options)
+
+            try:
+                run()
+                seconds = min(timed(run)[0] for _ in range(repeats))
+            except Exception as error:  # a setting this GPU or PyTorch refuses: say so, try the next
+                print(f"band {options} {mask_name}: {type(error).__name__}: {str(error)[:200]}", flush=True)
+                continue
+            row = {"options": options, "mask": mask_name, "ms": 1000 * seconds}
+            row["ratio_to_flash"] = seconds / flash_s
+            rows.append(row)
+            print(f"band {str(options):70s} {mask_name:9s}: {row['ms']:7.2f} ms, "
+                  f"x{row['ratio_to_flash']:.3f} of flash ({1000 * flash_s:.2f} ms)", flush=True)
+    return rows
+
+
 def capture_cost(length: int) -> list[dict]:
     """Observed forward (all layers, every query's entropy, sampled logit rows) against the plain forward."""
     from oodlens.capture import capture
@@ -338,6 +389,7 @@ CASES = (
     "capture",
     "decode",
     "decode-7b",
+    "band-tuning",
 )
 
 
@@ -414,6 +466,8 @@ def main() -> None:
                 random_model(LLAMA2_7B_SHAPE), override or [8192, 16384, 32768], 4096, "llama-2-7b"
             ),
         )
+    if "band-tuning" in cases:
+        record("band-tuning", lambda: band_tuning((override or [65536])[-1]))
     if "capture" in cases:
         record("capture", lambda: capture_cost((override or [32768])[-1]))
     if "profile" in cases:  # not in the default cases: run it alone

@@ -95,9 +95,10 @@ class BoundedCache(DynamicCache):
 
 
 class StaticBoundedLayer(DynamicLayer):
-    """One layer of :class:`StaticBoundedCache`: ``n_global`` slots for the starting tokens (position j in
-    slot j) and a ring of ``n_local`` slots for the last keys (position p in slot ``n_global + (p -
-    n_global) mod n_local``), allocated once and written in place."""
+    """One layer of :class:`StaticBoundedCache`, allocated once and written in place: ``n_global`` scratch
+    slots where the attention puts the starting tokens' keys moved to their far positions, ``n_global`` slots
+    for the starting tokens (position j in slot ``n_global + j``) and a ring of ``n_local`` slots for the
+    last keys (position p in slot ``2 n_global + (p - n_global) mod n_local``)."""
 
     _layer_type = None  # keep transformers' layer registry untouched
 
@@ -109,7 +110,7 @@ class StaticBoundedLayer(DynamicLayer):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads, _, dim = key_states.shape
-        slots = self.n_global + self.n_local
+        slots = 2 * self.n_global + self.n_local
         self.device = key_states.device
         self.keys = key_states.new_zeros(batch, heads, slots, dim)
         self.values = value_states.new_zeros(batch, heads, slots, value_states.shape[-1])
@@ -146,20 +147,20 @@ class StaticBoundedLayer(DynamicLayer):
 
     def _write_one(self, key_states: torch.Tensor, value_states: torch.Tensor):
         position = self.written.clone()
-        ring = self.n_global + (position - self.n_global).remainder(self.n_local)
-        slot = torch.where(position < self.n_global, position, ring).view(1)
+        ring = 2 * self.n_global + (position - self.n_global).remainder(self.n_local)
+        slot = torch.where(position < self.n_global, self.n_global + position, ring).view(1)
         self.keys.index_copy_(2, slot, key_states)
         self.values.index_copy_(2, slot, value_states)
         self.slot_positions.index_copy_(0, slot, position.view(1))
         self.written.add_(1)
-        layout = SlotLayout(self.slot_positions, position)
+        layout = SlotLayout(self.slot_positions, position, scratch=self.n_global)
         self.returned = (self.keys.data_ptr(), tuple(self.keys.shape), layout)
         return self.keys, self.values
 
     def _slot(self, position: int) -> int:
         if position < self.n_global:
-            return position
-        return self.n_global + (position - self.n_global) % self.n_local
+            return self.n_global + position
+        return 2 * self.n_global + (position - self.n_global) % self.n_local
 
     def _positions_held(self, total: int) -> list[int]:
         """The positions the slots hold after ``total`` tokens, in order: starting tokens, then the ring."""
@@ -167,7 +168,8 @@ class StaticBoundedLayer(DynamicLayer):
         return starting + list(range(max(self.n_global, total - self.n_local), total))
 
     def get_seq_length(self) -> torch.Tensor | int:
-        # a tensor, as transformers' StaticLayer returns: the masking code asks for it at every step
+        """The tokens written, as the live device counter (transformers' StaticLayer does the same: its
+        masking code asks at every step, and a read back would stall a captured one); copy it to keep it."""
         return self.written if self.is_initialized else 0
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:

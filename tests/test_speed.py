@@ -48,11 +48,12 @@ def test_caches_are_what_each_method_keeps(tiny):
         static = context + STEPS + WARM_UP_STEPS + 1
         assert frame.loc[("vanilla", "static", context), "stored_tokens"] == static
         # bounded: 10 starting tokens + L − 1 recent ones (LM-Infinite), 4 sinks + (L − 4) − 1 (StreamingLLM);
-        # their static caches hold one slot more per ring (the step's own key is written before it attends)
+        # their static caches hold scratch slots for the moved starting tokens and a ring one slot longer
+        # (the step's own key is written before it attends)
         assert frame.loc[("lm-infinite", "eager", context), "stored_tokens"] == 10 + train - 1
         assert frame.loc[("streaming-llm", "eager", context), "stored_tokens"] == train - 1
-        assert frame.loc[("lm-infinite", "static", context), "stored_tokens"] == 10 + train
-        assert frame.loc[("streaming-llm", "static", context), "stored_tokens"] == train
+        assert frame.loc[("lm-infinite", "static", context), "stored_tokens"] == 2 * 10 + train
+        assert frame.loc[("streaming-llm", "static", context), "stored_tokens"] == 2 * 4 + train - 4
         assert frame.loc[("lm-infinite", "eager", context), "cache_mib"] == pytest.approx(
             _expected_mib(info, 10 + train - 1)
         )

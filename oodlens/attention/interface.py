@@ -181,8 +181,9 @@ def oodlens_attention(
     if isinstance(layout, SlotLayout):
         if observer is not None or padding is not None:
             raise OodlensError(
-                "a static bounded cache decodes unpadded batches without observers: capture a forward over "
-                "the sequence, and decode a left-padded batch with the dynamic bounded cache (static=False)"
+                "a static bounded cache decodes unpadded batches without observers: run oodlens.capture on "
+                "a forward over the sequence, and decode a left-padded batch with the dynamic bounded cache "
+                "(static=False)"
             )
         return attend_slots(plan, query, key, value, layout, scale, softcap, position_ids), None
     groups = _row_groups(query, key, value, padding, position_ids, layout)

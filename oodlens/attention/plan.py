@@ -181,10 +181,13 @@ class KeyLayout:
 class SlotLayout:
     """Keys in fixed slots written in place (a static bounded cache during decoding): slot ``s`` holds the key
     at true position ``positions[s]`` (-1 while empty), and the one query sits at ``query_position``. Both
-    stay on the device, so a step that reads them needs no synchronisation."""
+    stay on the device, so a step that reads them needs no synchronisation. The first ``scratch`` slots hold
+    no key of their own: the attention writes the starting tokens' keys there, moved to their far
+    positions (the starting tokens themselves follow in the next ``scratch`` slots)."""
 
     positions: torch.Tensor
     query_position: torch.Tensor
+    scratch: int
 
 
 class KeySource(Protocol):

@@ -17,7 +17,6 @@ Python. On a CPU the static mode runs the same step as is.
 
 from __future__ import annotations
 
-import inspect
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -124,7 +123,8 @@ def decode_speed(
     policies = [_as_method(method) for method in methods]
     train = train_length or model_info(model).train_length
     modes_of = {id(method): _modes_of(method, modes, train) for method in policies}
-    generator = torch.Generator().manual_seed(seed)
+    # drawn where the model is: a GPU fills a 7B model's 128k-token cache in moments, its host in minutes
+    generator = torch.Generator(next(model.parameters()).device).manual_seed(seed)
     result: dict[tuple[str, str, int], dict[str, Any]] = {}
     sweep = [
         (method, mode, context)
@@ -136,13 +136,15 @@ def decode_speed(
     with torch.no_grad():
         for method, mode, context in tqdm(sweep, desc="decode speed", disable=not progress, leave=False):
             name = method if isinstance(method, str) else method.name
-            step_ms, cache = _time_steps(model, method, mode, context, steps, train_length, generator)
+            step_ms, size = _time_steps(model, method, mode, context, steps, train_length, generator)
             row = result.setdefault(
                 (name, mode, context),
                 {"method": name, "mode": mode, "context": context, "step_ms": [], "cache_mib": 0.0},
             )
             row["step_ms"] += step_ms
-            row["cache_mib"], row["stored_tokens"] = _cache_size(cache)
+            row["cache_mib"], row["stored_tokens"] = size
+            if generator.device.type == "cuda":  # the next case's cache gets the memory this one freed
+                torch.cuda.empty_cache()
     return DecodeSpeedResult(list(result.values()))
 
 
@@ -170,8 +172,10 @@ def _time_steps(
     steps: int,
     train_length: int | None,
     generator: torch.Generator,
-) -> tuple[list[float], Any]:
-    """Fill the method's cache for ``context`` tokens, take one untimed step, then time ``steps`` steps."""
+) -> tuple[list[float], tuple[float, int]]:
+    """Fill the method's cache for ``context`` tokens, take one untimed step, then time ``steps`` steps;
+    returns the step times and the cache's size (the cache itself is freed before the next case fills its
+    own: two 128k-token caches of a 7B model would not fit one GPU)."""
     static = mode == "static"
     if isinstance(method, str):
         capacity = context + steps + WARM_UP_STEPS + 1
@@ -179,11 +183,11 @@ def _time_steps(
             config=model.config
         )
         _fill(model, cache, context, generator)
-        return _steps(model, cache, context, steps, static), cache
+        return _steps(model, cache, context, steps, static), _cache_size(cache)
     with apply_policy(model, method, train_length=train_length) as handle:
         cache = handle.new_cache(static=True) if static else new_cache(model, handle)
         _fill(model, cache, context, generator)
-        return _steps(model, cache, context, steps, static), cache
+        return _steps(model, cache, context, steps, static), _cache_size(cache)
 
 
 def _fill(model: PreTrainedModel, cache: Any, context: int, generator: torch.Generator) -> None:
@@ -192,12 +196,12 @@ def _fill(model: PreTrainedModel, cache: Any, context: int, generator: torch.Gen
     info = model_info(model)
     parameter = next(model.parameters())
     shape = (1, info.n_kv_heads, context, info.head_dim)
-    positions = {"cache_position": torch.arange(context, device=parameter.device)}  # read by older versions
     for layer in range(len(cache.layers)):
         keys, values = (
-            torch.randn(shape, generator=generator).to(parameter.device, parameter.dtype) for _ in range(2)
+            torch.randn(shape, generator=generator, device=generator.device).to(parameter.dtype)
+            for _ in range(2)
         )
-        cache.update(keys, values, layer, positions)
+        cache.update(keys, values, layer)
 
 
 def _steps(model: PreTrainedModel, cache: Any, context: int, steps: int, static: bool) -> list[float]:
@@ -207,9 +211,7 @@ def _steps(model: PreTrainedModel, cache: Any, context: int, steps: int, static:
     token = torch.ones(1, 1, dtype=torch.long, device=device)
     position = torch.tensor([[context]], device=device)
     inputs = {"input_ids": token, "position_ids": position, "use_cache": True, "logits_to_keep": 1}
-    inputs |= cache_kwargs(model, cache)
-    if "cache_position" in inspect.signature(type(model).forward).parameters:  # transformers before 5.2x
-        inputs["cache_position"] = position[0].clone()
+    inputs |= cache_kwargs(model, cache)  # no attention_mask: reading one back would stall a captured step
 
     def step() -> torch.Tensor:
         return model(**inputs).logits[:, -1:].argmax(-1)
@@ -217,8 +219,6 @@ def _steps(model: PreTrainedModel, cache: Any, context: int, steps: int, static:
     def advance(next_token: torch.Tensor) -> None:  # in place: a captured step reads these same tensors
         token.copy_(next_token)
         position.add_(1)
-        if "cache_position" in inputs:
-            inputs["cache_position"].add_(1)
 
     run = _captured(step, advance, device) if static and device.type == "cuda" else step
     times = []

@@ -114,13 +114,13 @@ class PolicyHandle:
         plan = self.policy.cache_plan(self.train_length)
         if not plan.bounded:
             raise OodlensError(f"{plan.reason}, so it needs the whole history: use the default dynamic cache")
+        padded = 0 if attention_mask is None else int((attention_mask == 0).long().cumprod(-1).sum(-1).max())
         if static:
-            if attention_mask is not None:
+            if padded:
                 raise OodlensError("a static bounded cache decodes unpadded batches: pass static=False")
             cache = StaticBoundedCache(self.model.config, plan.n_global, plan.window)
         else:
-            padded = 0 if attention_mask is None else (attention_mask == 0).long().cumprod(-1).sum(-1).max()
-            cache = BoundedCache(self.model.config, plan.n_global + int(padded), plan.window)
+            cache = BoundedCache(self.model.config, plan.n_global + padded, plan.window)
         for module in self.parts.attention:
             attention.binding_of(module).caches.add(cache)
         return cache
