@@ -469,6 +469,27 @@ def test_streaming_pools_fine_buckets_by_tokens_with_an_interval_and_the_largest
     assert_saved(fig, tmp_path)
 
 
+def test_streaming_compares_methods_on_the_same_tokens(tmp_path):
+    """A second method's perplexity relative to the first, bucket by bucket over the same tokens: 1 % and 3 %
+    higher in the two display buckets here, its band a paired bootstrap over the fine buckets."""
+    nll = np.log([2.0, 8.0, 4.0, 4.0])
+    first = pd.DataFrame(
+        dict(start=[0, 100, 200, 300], end=[100, 200, 300, 400], nll=nll, ppl=np.exp(nll),
+             n_tokens=[100] * 4, peak_memory_gib=1.0, seconds=1.0)
+    )  # fmt: skip
+    higher = np.log([1.01, 1.01, 1.02, 1.04])  # the last display bucket: 2 % and 4 % higher
+    second = first.assign(nll=nll + higher, ppl=np.exp(nll + higher))
+    fig = plotting.plot_streaming({"lm-infinite": first, "streaming-llm": second}, bucket=200)
+    quality, relative, memory = fig.axes
+    (line,) = data_lines(relative)[:1]
+    np.testing.assert_allclose(line.get_xdata(), [100, 300])
+    np.testing.assert_allclose(line.get_ydata(), [1.0, 100 * (np.sqrt(1.02 * 1.04) - 1)], rtol=1e-9)
+    assert len(bands(relative)) == 1  # one band, of zero width where the fine buckets agree
+    assert relative.get_ylabel() == "perplexity vs lm-infinite (%)"
+    assert len(data_lines(quality)) == 2 and len(data_lines(memory)) == 2
+    assert_saved(fig, tmp_path)
+
+
 def test_streaming_refuses_a_bucket_below_one_token():
     with pytest.raises(OodlensError, match="bucket of at least 1"):
         plotting.plot_streaming(perplexity_frame(("lm-infinite",)), bucket=0)

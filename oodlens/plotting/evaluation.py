@@ -74,7 +74,9 @@ def plot_streaming(data: Any, bucket: int = 65_536, train_length: int | None = N
     The result's own (finer) buckets are pooled into ``bucket``-wide ones, token-weighted; the band is a 95 %
     bootstrap interval over the fine buckets inside each, and memory is the largest peak among them. Flat
     lines are the claim a bounded cache makes: quality and memory that do not depend on how far the stream
-    has gone.
+    has gone. With several methods a middle panel shows each one's perplexity relative to the first method's
+    over the same tokens (in %), where the content's own variation cancels: its band is a paired bootstrap
+    over the fine buckets.
     """
     if bucket < 1:
         raise OodlensError(f"plot_streaming needs a bucket of at least 1 token, got {bucket}")
@@ -87,12 +89,16 @@ def plot_streaming(data: Any, bucket: int = 65_536, train_length: int | None = N
         memory = group["peak_memory_gib"].max()
         rows.append(dict(series=series, position=position, ppl=ppl, low=low, high=high, memory=memory))
     pooled = pd.DataFrame(rows)
-    fig, (ppl_ax, memory_ax) = new_axes(None, 2)
+    names = list(dict.fromkeys(runs["series"]))
+    fig, axes = new_axes(None, 3 if len(names) > 1 else 2)
+    ppl_ax, memory_ax = axes[0], axes[-1]
+    if len(names) > 1:
+        _draw_relative(axes[1], runs, names)
     quality = pooled.assign(mean=pooled["ppl"], low=pooled["low"].fillna(pooled["ppl"]))
     draw_series(ppl_ax, quality.assign(high=quality["high"].fillna(quality["ppl"])), "position", markers=True)
     memory = pooled.assign(mean=pooled["memory"], low=pooled["memory"], high=pooled["memory"])
     draw_series(memory_ax, memory, "position", markers=True)
-    for panel_ax in (ppl_ax, memory_ax):
+    for panel_ax in axes:
         mark_train_length(panel_ax, train_length)
     finish_axes(ppl_ax, "stream position (tokens)", f"perplexity per {bucket:,} tokens")
     finish_axes(memory_ax, "stream position (tokens)", "peak memory (GiB)", ybottom=0)
@@ -100,6 +106,26 @@ def plot_streaming(data: Any, bucket: int = 65_536, train_length: int | None = N
         memory_ax.set_ylim(top=1.25 * pooled["memory"].max())
     figure_legend(fig, [ppl_ax, memory_ax], own_figure=True)
     return fig
+
+
+def _draw_relative(ax: Axes, runs: pd.DataFrame, names: list[str]) -> None:
+    """Each later method's perplexity over the first method's on the same fine buckets, per display bucket,
+    in %, with a paired bootstrap band (the NLL differences of the fine buckets resampled together)."""
+    reference = runs.loc[runs["series"] == names[0], ["start", "nll"]]
+    rows = []
+    for name in names[1:]:
+        paired = runs[runs["series"] == name].merge(reference, on="start", suffixes=("", "_reference"))
+        paired = paired.assign(difference=paired["nll"] - paired["nll_reference"])
+        for _, group in paired.groupby("display", sort=True):
+            ratio, low, high, _ = perplexity_interval(group["difference"], group["n_tokens"])
+            position = (group["start"].min() + group["end"].max()) / 2
+            rows.append(dict(series=name, position=position, mean=100 * (ratio - 1),
+                             low=100 * (low - 1), high=100 * (high - 1)))  # fmt: skip
+    relative = pd.DataFrame(rows)
+    relative = relative.assign(low=relative["low"].fillna(relative["mean"]))
+    draw_series(ax, relative.assign(high=relative["high"].fillna(relative["mean"])), "position", markers=True)
+    ax.axhline(0.0, color="0.5", linewidth=0.8)
+    finish_axes(ax, "stream position (tokens)", f"perplexity vs {names[0]} (%)")
 
 
 def _spread(names: list[str], x: np.ndarray) -> dict[str, np.ndarray]:
