@@ -21,6 +21,13 @@ from .attention import KeyLayout, SlotLayout
 from .errors import OodlensError
 
 
+def _returned_layout(stored_global: int, keys: torch.Tensor, total: int) -> KeyLayout:
+    """Where the keys a bounded layer returns sit: the ``stored_global`` starting tokens it held, then a
+    contiguous tail ending at ``total - 1`` (when every key returned is a starting token, they are that
+    contiguous tail as well)."""
+    return KeyLayout(n_global=stored_global if stored_global < keys.shape[-2] else 0, total=total)
+
+
 class BoundedLayer(DynamicLayer):
     """One layer of :class:`BoundedCache`."""
 
@@ -41,7 +48,7 @@ class BoundedLayer(DynamicLayer):
         values = torch.cat([self.values, value_states], dim=-2)
         stored_global = min(self.n_global, self.total)
         self.total += key_states.shape[-2]
-        layout = KeyLayout(n_global=stored_global if stored_global < keys.shape[-2] else 0, total=self.total)
+        layout = _returned_layout(stored_global, keys, self.total)
         self.returned = (keys.data_ptr(), tuple(keys.shape), layout)
         keep_tail = self.n_local - 1
         n_global = min(self.n_global, self.total)
@@ -132,9 +139,8 @@ class StaticBoundedLayer(DynamicLayer):
         slots = torch.tensor([self._slot(p) for p in held], dtype=torch.long, device=self.device)
         keys = torch.cat([self.keys.index_select(2, slots), key_states], dim=-2)
         values = torch.cat([self.values.index_select(2, slots), value_states], dim=-2)
-        n_global = min(self.n_global, total)
         new_total = total + key_states.shape[-2]
-        layout = KeyLayout(n_global=n_global if n_global < keys.shape[-2] else 0, total=new_total)
+        layout = _returned_layout(min(self.n_global, total), keys, new_total)
         self.returned = (keys.data_ptr(), tuple(keys.shape), layout)
         kept = [p for p in self._positions_held(new_total) if p >= total]
         index = torch.tensor([p - total for p in kept], dtype=torch.long, device=self.device)
