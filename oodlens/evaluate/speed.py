@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel, StaticCache
 
 from ..errors import OodlensError, check_count
-from ..models import model_info
+from ..models import model_info, train_length_of
 from ..policies import Policy, apply_policy, policy_by_name
 from .scoring import cache_kwargs, new_cache
 
@@ -121,7 +121,7 @@ def decode_speed(
         if mode not in MODES:
             raise OodlensError(f"unknown decoding mode {mode!r}: choose from {', '.join(MODES)}")
     policies = [_as_method(method) for method in methods]
-    train = train_length or model_info(model).train_length
+    train = train_length_of(model, train_length)
     modes_of = {id(method): _modes_of(method, modes, train) for method in policies}
     # drawn where the model is: a GPU fills a 7B model's 128k-token cache in moments, its host in minutes
     generator = torch.Generator(next(model.parameters()).device).manual_seed(seed)
@@ -156,10 +156,11 @@ def _as_method(method: str | Policy) -> str | Policy:
 
 def _modes_of(method: str | Policy, modes: Sequence[str], train_length: int) -> list[str]:
     """The asked modes this method has: a method that keeps every key has no static cache, so only eager."""
-    if isinstance(method, str) or method.cache_plan(train_length).bounded:
+    plan = None if isinstance(method, str) else method.cache_plan(train_length)
+    if plan is None or plan.bounded:
         return list(modes)
     if "eager" not in modes:
-        reason = method.cache_plan(train_length).reason
+        reason = plan.reason
         raise OodlensError(f"{reason}, so it has no static mode: add the mode 'eager' or leave it out")
     return ["eager"]
 
