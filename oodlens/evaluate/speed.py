@@ -160,8 +160,7 @@ def _modes_of(method: str | Policy, modes: Sequence[str], train_length: int) -> 
     if plan is None or plan.bounded:
         return list(modes)
     if "eager" not in modes:
-        reason = plan.reason
-        raise OodlensError(f"{reason}, so it has no static mode: add the mode 'eager' or leave it out")
+        raise OodlensError(f"{plan.reason}, so it has no static mode: add the mode 'eager' or leave it out")
     return ["eager"]
 
 
