@@ -45,7 +45,8 @@ class PasskeySample:
     """A passkey-retrieval prompt.
 
     input_ids: [length] token ids, no special tokens. length: its number of tokens. depth: where the needle
-    sits, as the fraction of filler blocks before it. needle_position: index of the needle's first token.
+    sits, as the fraction of filler blocks before it. needle_position: index of the needle's first token;
+    needle_end: index just after its last.
     """
 
     input_ids: torch.LongTensor
@@ -53,6 +54,7 @@ class PasskeySample:
     length: int
     depth: float
     needle_position: int
+    needle_end: int
 
 
 def load_corpus(spec: str = DEFAULT_CORPUS) -> Corpus:
@@ -209,6 +211,7 @@ def passkey_prompt(tokenizer: Any, length: int, depth: float, seed: int = 0) -> 
         length=len(ids),
         depth=blocks_before / n_blocks,
         needle_position=len(before),
+        needle_end=len(before) + len(needle),
     )
 
 

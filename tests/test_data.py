@@ -11,6 +11,7 @@ import torch
 
 from oodlens.data import (
     PASSKEY_FILLER,
+    PASSKEY_NEEDLE,
     Corpus,
     load_corpus,
     passkey_prompt,
@@ -161,6 +162,8 @@ def test_passkey_length_and_depth(length: int, depth: float) -> None:
     assert sample.depth == blocks_before / n_blocks
     needle = BYTES.decode(sample.input_ids[sample.needle_position :])
     assert needle.startswith(f" The pass key is {sample.passkey}.")
+    whole_needle = sample.input_ids[sample.needle_position : sample.needle_end]
+    assert BYTES.decode(whole_needle) == PASSKEY_NEEDLE.format(key=sample.passkey)
 
 
 def test_passkey_is_seeded() -> None:

@@ -402,6 +402,31 @@ def test_passkey_retrieval_rows_and_accuracy(llama, monkeypatch):
     assert len(result.accuracy(by_depth=True)) == 4
 
 
+@pytest.mark.parametrize("last_needle_token_kept", [False, True])
+def test_truncated_baseline_skips_a_prompt_whose_needle_is_cut(llama, monkeypatch, last_needle_token_kept):
+    # the train length puts the truncated context's first token just after the needle, or on its last token
+    prompt = passkey_prompt(llama.tokenizer, 400, 0.3, seed=generation._passkey_seed(0, 400, 0.3, 0))
+    train_length = prompt.length - prompt.needle_end + last_needle_token_kept
+    prompts_run = []
+
+    def recording(model, handle, ids, max_new_tokens, pad_token_id, prefix=None):
+        prompts_run.append(ids.numel())
+        return torch.tensor(llama.tokenizer(f" {prompt.passkey}.", add_special_tokens=False)["input_ids"])
+
+    monkeypatch.setattr(generation, "greedy", recording)
+    result = evaluate.passkey_retrieval(
+        llama.model, llama.tokenizer, [vanilla()], lengths=[400], depths=(0.3,), train_length=train_length,
+        progress=False,
+    )  # fmt: skip
+    rows = result.to_dataframe().set_index("method")
+    truncated = rows.loc[evaluate.TRUNCATED_BASELINE]
+    assert sorted(prompts_run) == sorted([train_length, prompt.length][1 - last_needle_token_kept :])
+    assert truncated.prompt_tokens == train_length
+    assert truncated.needle_seen == truncated.correct == last_needle_token_kept
+    assert (truncated.generated == "") != last_needle_token_kept
+    assert rows.loc["vanilla"].needle_seen and rows.loc["vanilla"].correct
+
+
 def test_truncated_baseline_of_a_prompt_that_fits_is_not_generated_twice(llama, monkeypatch):
     greedy, prompts_run = generation.greedy, []
 

@@ -193,10 +193,13 @@ def _passkey_seed(seed: int, length: int, depth: float, sample: int) -> int:
 
 @dataclass(repr=False)
 class PasskeyResult(Displayed):
-    """Passkey rows: ``{method, length, depth, sample, passkey, prompt_tokens, generated, correct}``.
+    """Passkey rows: ``{method, length, depth, sample, passkey, prompt_tokens, needle_seen, generated,
+    correct}``.
 
     ``length`` and ``depth`` are the requested cell; ``prompt_tokens`` is the prompt's real size (at most
-    ``length``; for :data:`TRUNCATED_BASELINE`, at most ``train_length``).
+    ``length``; for :data:`TRUNCATED_BASELINE`, at most ``train_length``). ``needle_seen`` is False only for
+    the truncated baseline when its context starts after the whole needle: that row is a miss scored without
+    generating (``generated`` empty).
     """
 
     rows: list[dict[str, Any]] = field(default_factory=list)
@@ -211,7 +214,10 @@ class PasskeyResult(Displayed):
         }
 
     def to_dataframe(self) -> pd.DataFrame:
-        columns = ["method", "length", "depth", "sample", "passkey", "prompt_tokens", "generated", "correct"]
+        columns = [
+            "method", "length", "depth", "sample", "passkey", "prompt_tokens", "needle_seen", "generated",
+            "correct",
+        ]  # fmt: skip
         return pd.DataFrame(self.rows, columns=columns)
 
     def accuracy(self, by_depth: bool = False) -> pd.DataFrame:
@@ -291,15 +297,19 @@ def passkey_retrieval(
         for length, depth, sample in order:
             prompt = prompts[length, depth, sample]
             shared = (trunks, prompt.needle_position) if share_prefix else None
-            ids = prompt.input_ids
+            # a truncated context that starts after the whole needle cannot hold the random key: scored a miss
+            # without running the model (its answer would be a guess at 1 in 90,000)
+            cut = prompt.needle_end <= prompt.length - train_length
+            asked = [method for method in methods if not (cut and method.truncated)]
             replies = answer_prompt(
-                model, tokenizer, methods, ids, None, max_new_tokens, train_length, answers, shared
+                model, tokenizer, asked, prompt.input_ids, None, max_new_tokens, train_length, answers, shared
             )
+            replies += [(method, train_length, None) for method in methods if cut and method.truncated]
             for method, seen, generated in replies:
                 result.rows.append(dict(
                     method=method.name, length=length, depth=depth, sample=sample, passkey=prompt.passkey,
-                    prompt_tokens=seen, generated=generated,
-                    correct=passkey_correct(generated, prompt.passkey),
+                    prompt_tokens=seen, needle_seen=generated is not None, generated=generated or "",
+                    correct=generated is not None and passkey_correct(generated, prompt.passkey),
                 ))  # fmt: skip
                 bar.update()
     method_rank = {method.name: index for index, method in enumerate(methods)}
