@@ -178,24 +178,36 @@ def cached(
     :class:`~oodlens.capture.Diagnosis` folder). A stored result is used when its params equal the asked
     ones, or when ``serves(stored_params, asked_params)`` says it answers them.
     """
-    folder = settings.cache
-    stored, header = folder / f"{key}{suffix}", folder / f"{key}.json"
-    params = {
-        "model": settings.model,
-        "train_length": settings.train_length,
-        "windows": settings.windows,
-        "seed": settings.seed,
-        **params,
-    }
-    if not settings.recompute and stored.exists() and header.exists():
-        stored_params, asked = json.loads(header.read_text()), json.loads(json.dumps(params))
-        if stored_params == asked or (serves is not None and serves(stored_params, asked)):
-            return read(stored)
+    stored = settings.cache / f"{key}{suffix}"
+    if is_stored(settings, key, params, suffix=suffix, serves=serves):
+        return read(stored)
     result = compute()
-    folder.mkdir(parents=True, exist_ok=True)
+    settings.cache.mkdir(parents=True, exist_ok=True)
     write(result, stored)
-    write_json(header, params)
+    write_json(settings.cache / f"{key}.json", _run_params(settings, params))
     return result
+
+
+def is_stored(
+    settings: Settings,
+    key: str,
+    params: dict[str, Any],
+    *,
+    suffix: str = ".parquet",
+    serves: Callable[[dict[str, Any], dict[str, Any]], bool] | None = None,
+) -> bool:
+    """Whether :func:`cached` would read a stored result for ``(key, params)`` instead of computing it."""
+    stored, header = settings.cache / f"{key}{suffix}", settings.cache / f"{key}.json"
+    if settings.recompute or not (stored.exists() and header.exists()):
+        return False
+    stored_params, asked = json.loads(header.read_text()), _run_params(settings, params)
+    return stored_params == asked or (serves is not None and serves(stored_params, asked))
+
+
+def _run_params(settings: Settings, params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` with the run's settings that every result depends on, as JSON stores them."""
+    run = {"model": settings.model, "train_length": settings.train_length, "windows": settings.windows}
+    return json.loads(json.dumps({**run, "seed": settings.seed, **params}))
 
 
 def save(settings: Settings, figure, stem: str) -> Path:

@@ -4,7 +4,9 @@ Vanilla, the truncated baseline (vanilla on the prompt's last L tokens) and LM-I
 middle tokens (k = 5 from layer 4, as the paper uses for retrieval), at lengths from below the pretraining
 length L to 3 L (default L/2, L, 1.5 L, 2 L, 3 L: 4k–24k for SmolLM2), ``--prompts`` per length (default 20)
 with their needles at depths spread evenly over the filler ((k + ½) / prompts), each with its own key.
-Each length is cached on its own, so a run that stops resumes at the length it was on.
+Each length is cached on its own, so a run that stops resumes at the length it was on, and the table and
+figure show every length computed so far with the same settings (prompts, top-k, seed), asked for or not:
+lengths run in separate sessions add up.
 
     python analyses/table2_passkey.py                             # SmolLM2: hours on 2 cores
     python analyses/table2_passkey.py --lengths 4096,12288 --prompts 6
@@ -32,6 +34,13 @@ def spread_depths(n: int) -> list[float]:
     return [(k + 0.5) / n for k in range(n)]
 
 
+def stored_lengths(settings, params) -> list[int]:
+    """The lengths whose rows are cached with ``params(length)``: those a run with these settings reuses."""
+    names = (path.stem.removeprefix("rows-") for path in settings.cache.glob("rows-*.json"))
+    lengths = [int(name) for name in names if name.isdigit()]
+    return [length for length in lengths if common.is_stored(settings, f"rows-{length}", params(length))]
+
+
 def run(argv: list[str] | None = None) -> pd.DataFrame:
     settings = common.parse("table2_passkey", __doc__.splitlines()[0], add_arguments, argv)
     loaded = common.model(settings)
@@ -48,13 +57,16 @@ def run(argv: list[str] | None = None) -> pd.DataFrame:
         raise SystemExit(f"--prompts must be at least 1, got {prompts}")
     depths = spread_depths(prompts)
     policies = [vanilla(), lm_infinite(top_k=settings.extra.top_k)]
+    def params(length: int) -> dict:
+        return {"length": length, "depths": depths, "top_k": settings.extra.top_k}
+
     frames = []
-    for length in lengths:
+    for length in sorted(set(lengths) | set(stored_lengths(settings, params))):
         frames.append(
             common.cached(
                 settings,
                 f"rows-{length}",
-                {"length": length, "depths": depths, "top_k": settings.extra.top_k},
+                params(length),
                 lambda length=length: passkey_retrieval(
                     loaded.model,
                     loaded.tokenizer,

@@ -174,3 +174,13 @@ print(libc.mallinfo2().hblkhd)  # bytes in blocks mapped (and later unmapped) on
     mapped = int(done.stdout.split()[-1])
     # glibc maps every block over 32 MiB by itself (fresh pages each time) unless told to reuse the heap
     assert mapped < 2**26 if reuse else mapped >= 2**26
+
+
+def test_table2_lengths_run_apart_add_up(tmp_path):
+    import table2_passkey
+
+    base = ["--quick", "--out", str(tmp_path), "--prompts", "2"]
+    table2_passkey.run([*base, "--lengths", "400"])
+    assert list(table2_passkey.run([*base, "--lengths", "500"]).columns) == [400, 500]
+    # other settings do not take the rows cached under these
+    assert list(table2_passkey.run([*base[:-1], "1", "--lengths", "500"]).columns) == [500]
