@@ -2,14 +2,16 @@
 
 Reads each run with :func:`oodlens.probe.collect.collect` (a folder that is not a finished, valid report is a
 one-line error naming it, and nothing is written), then writes DIR atomically: ``table.csv`` (the tidy rows:
-run, model, length, method, metric, value, low, high, n), ``comparison.md`` (a table per metric, every value
-with its 95 % interval and n) and ``figures/`` (the headline metrics side by side, with intervals).
+run, model, length, method, metric, value, low, high, n), ``comparison.md`` (a table per metric, a column per
+run, every value with its 95 % interval and n) and ``figures/`` (the headline metrics side by side, with
+intervals).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -29,7 +31,7 @@ HEADLINE = ("ppl_beyond_train_length", "passkey@", "rouge_l@")  # the metrics dr
 def write_comparison(runs: list[str], out: str | Path, *, overwrite: bool = False) -> Path:
     """Collect ``runs`` (folders or glob patterns) and write the comparison folder ``out``; returns it."""
     frame = collect(runs)
-    frame["label"] = frame["model"] + " @" + frame["length"].astype(str)
+    frame["label"] = frame["run"].map(run_labels(frame))
 
     def fill(folder: Path) -> None:
         frame.drop(columns="label").to_csv(folder / "table.csv", index=False)
@@ -51,6 +53,22 @@ def write_comparison(runs: list[str], out: str | Path, *, overwrite: bool = Fals
         (folder / "comparison.md").write_text(_markdown(frame, runs, names))
 
     return write_folder(out, fill, kind=COMPARISON_KIND, overwrite=overwrite)
+
+
+def run_labels(frame: pd.DataFrame) -> dict[str, str]:
+    """A distinct label per run of a collected frame: ``model @length``, with the run folder's name beside it
+    where runs share that (its whole path where names repeat too), so two runs never merge in a table cell or
+    in a figure's bars."""
+    runs = frame.drop_duplicates("run")
+    short = dict(zip(runs["run"], runs["model"] + " @" + runs["length"].astype(str), strict=True))
+    labels = short
+    for detail in (lambda run: Path(run).name, str):  # the folder's name; its path where names repeat too
+        counts = Counter(labels.values())
+        labels = {
+            run: label if counts[label] == 1 else f"{short[run]} ({detail(run)})"
+            for run, label in labels.items()
+        }
+    return labels
 
 
 def _markdown(frame: pd.DataFrame, runs: list[str], figures: list[str]) -> str:
@@ -76,8 +94,10 @@ def _cell(row: pd.Series) -> str:
 
 
 def _table(rows: pd.DataFrame) -> str:
-    """Methods × runs (model @length) of one metric, as a Markdown table."""
-    table = rows.pivot_table(index="method", columns="label", values="cell", aggfunc="first", sort=False)
+    """Methods × runs (their labels) of one metric, as a Markdown table."""
+    # pivot, not pivot_table: a repeated (method, run) cell raises instead of being silently aggregated
+    table = rows.pivot(index="method", columns="label", values="cell")
+    table = table.reindex(index=rows["method"].unique(), columns=rows["label"].unique())  # order of the runs
     head = "| method | " + " | ".join(map(str, table.columns)) + " |"
     rule = "|---" * (len(table.columns) + 1) + "|"
     body = [

@@ -1,6 +1,10 @@
-"""Shared fixtures: the real SmolLM2 (loaded once per session) and parametrisation over the tiny families."""
+"""Shared fixtures: the real SmolLM2 (loaded once per session), parametrisation over the tiny families, and
+the schema check of every summary a probe writes."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import pytest
 
@@ -9,6 +13,24 @@ from oodlens.tiny import TINY_FAMILIES
 
 # gpt2 has learned absolute positions; every other tiny family uses RoPE.
 ROPE_TINY_FAMILIES = tuple(family for family in TINY_FAMILIES if family != "gpt2")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def every_written_summary_follows_the_schema():
+    """Every ``summary.json`` a probe writes in any test is validated against the shipped schema as it is
+    written (a test that writes an invalid one fails there, naming the folder)."""
+    from oodlens.probe import report
+    from oodlens.probe.collect import validate_summary
+
+    write_contents = report._write_contents
+
+    def validated(result, root: Path) -> None:
+        write_contents(result, root)
+        validate_summary(json.loads((root / "summary.json").read_text()), str(root))
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(report, "_write_contents", validated)
+        yield
 
 
 @pytest.fixture(scope="session")

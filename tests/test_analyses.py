@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +65,7 @@ def stand_in_scripts(tmp_path, monkeypatch):
     for name, pause, status in (("long", 0.5, 0), ("short", 0.0, 0), ("timed", 0.0, 0), ("broken", 0.0, 3)):
         (tmp_path / f"{name}.py").write_text(body.format(pause=pause, log=str(log), name=name, status=status))
     monkeypatch.setattr(run_all, "HERE", tmp_path)
+    monkeypatch.setattr(run_all, "FIGURES", tmp_path / "figures")  # timings.json stays out of the repository
     monkeypatch.setattr(run_all, "TIMED_ALONE", ("timed",))
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(run_all.os, "cpu_count", lambda: 2)
@@ -184,3 +186,26 @@ def test_table2_lengths_run_apart_add_up(tmp_path):
     assert list(table2_passkey.run([*base, "--lengths", "500"]).columns) == [400, 500]
     # other settings do not take the rows cached under these
     assert list(table2_passkey.run([*base[:-1], "1", "--lengths", "500"]).columns) == [500]
+
+
+def test_run_all_records_the_time_of_every_script(stand_in_scripts, monkeypatch, tmp_path):
+    run_all, _ = stand_in_scripts
+    monkeypatch.setattr(run_all, "FIGURE_SCRIPTS", ("long", "broken"))
+    with pytest.raises(SystemExit, match="failed: broken"):
+        run_all.main(["--quick"])
+    timings = json.loads((tmp_path / "figures" / "quick" / "timings.json").read_text())
+    assert set(timings) >= {"date", "machine", "oodlens_commit", "total_seconds", "scripts"}
+    assert timings["date"].endswith("+00:00") and timings["machine"]["cores"] == 2
+    assert timings["machine"]["platform"] and "cpu" in timings["machine"]
+    scripts = {script["name"]: script for script in timings["scripts"]}
+    statuses = {name: script["status"] for name, script in scripts.items()}
+    assert statuses == {"long": 0, "broken": 3, "timed": 0}
+    assert all(script["seconds"] > 0 and script["arguments"] == ["--quick"] for script in scripts.values())
+    assert scripts["long"]["seconds"] >= 0.5 and timings["total_seconds"] >= scripts["long"]["seconds"]
+    assert (scripts["long"]["lane"], scripts["long"]["omp_num_threads"]) == ("shared", "1")
+    assert (scripts["timed"]["lane"], scripts["timed"]["omp_num_threads"]) == ("alone", None)
+    # --out chooses the folder, as it does for the scripts
+    with pytest.raises(SystemExit):
+        run_all.main(["--jobs", "1", "--out", str(tmp_path / "elsewhere")])
+    elsewhere = json.loads((tmp_path / "elsewhere" / "timings.json").read_text())
+    assert [script["name"] for script in elsewhere["scripts"]] == ["long", "broken", "timed"]

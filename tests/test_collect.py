@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import oodlens
-from oodlens import compare, probe
+from oodlens import compare, plotting, probe
+from oodlens.display import format_number
 from oodlens.errors import OodlensError
 from oodlens.evaluate import PerplexityResult
 from oodlens.models import load_model, model_revision
@@ -135,6 +136,37 @@ def test_compare_writes_one_report_from_many_runs(runs, tmp_path):
     # an earlier comparison is replaced only with --overwrite
     assert compare.main([str(runs / "len*"), "--out", str(out)]) == 2
     assert compare.main([str(runs / "len*"), "--out", str(out), "--overwrite"]) == 0
+
+
+def test_compare_keeps_two_runs_of_one_model_and_length_apart(runs, tmp_path):
+    other = tmp_path / "seed1"  # a second run at 128 tokens, with its own number
+    shutil.copytree(runs / "len128", other)
+    summary = json.loads((other / "summary.json").read_text())
+    summary["methods"]["vanilla"]["intervals"]["ppl_beyond_train_length"].update(value=111, low=100, high=122)
+    (other / "summary.json").write_text(json.dumps(summary))
+    out = tmp_path / "comparison"
+    assert compare.main([str(runs / "len128"), str(other), "--out", str(out)]) == 0
+    section = (out / "comparison.md").read_text().split("## ppl_beyond_train_length")[1].split("\n## ")[0]
+    assert "| method | tiny:llama @128 (len128) | tiny:llama @128 (seed1) |" in section
+    first = read_summary(runs / "len128")["methods"]["vanilla"]["intervals"]["ppl_beyond_train_length"]
+    (vanilla,) = [line for line in section.splitlines() if line.startswith("| vanilla |")]
+    cells = vanilla.split(" | ")
+    assert cells[1].startswith(format_number(first["value"])) and cells[2] == "111 [100, 122], n=2 |"
+    # nor do the figures average two runs' bars: repeated rows with intervals are refused
+    rows = oodlens.collect([runs / "len128", other]).query("metric == 'ppl_beyond_train_length'")
+    with pytest.raises(OodlensError, match="intervals cannot be averaged"):
+        plotting.plot_method_comparison(rows[["method", "metric", "value", "low", "high"]])
+
+
+def test_resume_compares_the_resolved_length(runs, tmp_path, capsys):
+    folder = tmp_path / "run"  # RUN gives no --length: it resolves to 2 × tiny:llama's 64 = 128 tokens
+    shutil.copytree(runs / "len192", folder)
+    assert probe.main([*RUN, "--out", str(folder), "--resume"]) == 2
+    assert "other settings (length, bucket," in capsys.readouterr().err
+    shutil.rmtree(folder)
+    shutil.copytree(runs / "len128", folder)
+    assert probe.main([*RUN, "--out", str(folder), "--resume"]) == 0
+    assert "already holds this run's finished report" in capsys.readouterr().out
 
 
 def test_resume_skips_a_finished_run_and_redoes_a_damaged_one(runs, tmp_path, capsys):

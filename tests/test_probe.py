@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import math
 
 import matplotlib.image
+import pandas as pd
 import pytest
 
 from oodlens import errors as probe_errors
 from oodlens import probe
 from oodlens.evaluate import budget
 from oodlens.probe import report
-from oodlens.probe.collect import validate_summary
+from oodlens.probe.collect import read_summary, validate_summary
+from oodlens.probe.result import _held
+from oodlens.stats import Estimate, describe_difference
 
 TINY_RUN = ["--length", "400", "--new-tokens", "8", "--no-progress", "--bucket", "64"]
 
@@ -260,3 +264,46 @@ def test_model_args_reach_from_pretrained(tmp_path, capsys, monkeypatch):
     )
     code = probe.main(["--model-args", "device_map", "--out", str(tmp_path / "out")])
     assert code == 2 and "key=value pairs" in capsys.readouterr().err
+
+
+def _windows(value: float, low: float, high: float, n: int) -> Estimate:
+    return Estimate(value, low, high, n, "bootstrap")
+
+
+BASELINE = _windows(8.0, 7.8, 8.2, 4)
+
+
+@pytest.mark.parametrize(
+    "method, expected",
+    [
+        (_windows(8.1, 7.9, 8.3, 4), "the fix held (indistinguishable from the baseline over 4 windows)"),
+        (_windows(8.6, 8.4, 8.8, 4), "within 10 % of it, but measurably higher"),
+        (_windows(7.5, 7.3, 7.7, 4), "the fix held, below the baseline (the intervals do not overlap)"),
+        (_windows(8.1, math.nan, math.nan, 1), "the fix held in this one window (no interval"),
+        (_windows(9.0, 8.5, 9.5, 4), "the fix did not fully hold (the intervals do not overlap)"),
+        (_windows(9.0, 7.9, 10.1, 4), "higher, but within the uncertainty of 4 windows"),
+        (_windows(9.0, math.nan, math.nan, 1), "the fix did not fully hold in this one window"),
+    ],
+)
+def test_the_fix_is_called_held_only_as_strongly_as_the_intervals_allow(method, expected):
+    # 8.6 / 8.0 = 1.075 is within the 10 % goal, yet its interval lies wholly above the baseline's
+    held = _held(method.value / BASELINE.value, describe_difference(method, BASELINE), method.n)
+    assert held.startswith(expected)
+
+
+def test_comparison_table_carries_each_numbers_interval(probe_folder):
+    table = pd.read_csv(probe_folder / "tables" / "comparison.csv")
+    methods = read_summary(probe_folder)["methods"]
+    intervals = {method: block["intervals"] for method, block in methods.items() if "intervals" in block}
+    passkey = table[table.metric.str.startswith("passkey")]
+    assert len(passkey) == sum(len(block.get("passkey", {})) for block in intervals.values()) > 0
+    for row in passkey.itertuples():
+        estimate = intervals[row.method]["passkey"][row.metric.rsplit(" ", 1)[1]]
+        assert (row.value, row.low, row.high, row.n) == pytest.approx(
+            (estimate["value"], estimate["low"], estimate["high"], estimate["n"])
+        )
+        assert row.low <= row.value <= row.high
+    beyond = table[table.metric == "ppl beyond train length"].set_index("method")
+    for method, block in intervals.items():
+        assert beyond.loc[method, "value"] == pytest.approx(block["ppl_beyond_train_length"]["value"])
+        assert beyond.loc[method, "n"] == block["ppl_beyond_train_length"]["n"]

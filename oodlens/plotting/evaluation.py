@@ -187,7 +187,8 @@ def plot_method_comparison(
     """Grouped bars: one group per metric, one bar per method, value labels on the bars.
 
     Reads any tidy frame with columns method, metric, value, and optionally low/high (an interval, drawn as
-    an error bar); repeated rows are averaged. ``metrics`` picks and orders them. Metrics on different scales
+    an error bar); repeated rows are averaged, unless they carry intervals (an average of interval ends is no
+    interval: an error). ``metrics`` picks and orders them. Metrics on different scales
     read better with ``facet=True``: one panel per metric, titled and labelled by it, each on its own y axis.
     """
     runs = run_frames(data, "method-comparison", COMPARISON_COLUMNS)
@@ -196,6 +197,13 @@ def plot_method_comparison(
     if missing:
         raise OodlensError(f"metric {missing[0]!r} is not in the data (has {sorted(set(runs['metric']))})")
     runs = runs[runs["metric"].isin(metrics)]
+    repeated = runs[runs.duplicated(["metric", "series"], keep=False)]
+    if {"low", "high"} & set(runs.columns) and not repeated.empty:
+        raise OodlensError(
+            f"method-comparison data has several rows with intervals for {repeated['series'].iloc[0]!r} "
+            f"at {repeated['metric'].iloc[0]!r}: intervals cannot be averaged; give one row per method and "
+            "metric"
+        )
     names = sorted(runs["series"].unique(), key=lambda name: method_rank(str(name)))
     if not facet:
         fig, (panel_ax,) = new_axes(ax)

@@ -13,7 +13,7 @@ import functools
 import glob
 import json
 from collections.abc import Iterable
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -102,6 +102,10 @@ def resume_state(folder: str | Path, config: ProbeConfig) -> Literal["run", "com
     same settings (skip the run), ``"replace"`` when it holds a report oodlens wrote that is damaged or of an
     older schema (run again over it), ``"run"`` when there is no report there.
 
+    The settings compared are the resolved ones, those the run would use: a length left to its default is
+    resolved against the pretraining length of the model, taken from the report's own record of that same
+    model (named alike, as compared) so that no model is loaded to decide.
+
     Raises:
         OodlensError: the folder holds a valid report of other settings (naming them), so that a mistyped
             ``--out`` never replaces another run."""
@@ -115,20 +119,24 @@ def resume_state(folder: str | Path, config: ProbeConfig) -> Literal["run", "com
     except OodlensError:
         return "replace"
     stored = summary["config"]
-    asked = json_ready(asdict(config))
-    differs = [
-        spec.name
-        for spec in fields(ProbeConfig)
-        if spec.name != "progress"
-        and asked[spec.name] is not None
-        and stored.get(spec.name) != asked[spec.name]
-    ]
+    given = {name: value for name, value in json_ready(asdict(config)).items() if value is not None}
+    differs = _differing(stored, given)  # first the options given: another model is named as such
+    if not differs:
+        # the same model: the report's train_length is its own where the report left it to the model (where
+        # the report set one and this run does not, the train_length field differs below)
+        train_length = config.train_length if config.train_length is not None else summary["train_length"]
+        differs = _differing(stored, json_ready(asdict(config.resolved(train_length))))
     if differs:
         raise OodlensError(
             f"{folder} holds a finished report of other settings ({', '.join(differs)} differ): use another "
             "--out, or --overwrite to replace it"
         )
     return "complete"
+
+
+def _differing(stored: dict[str, Any], asked: dict[str, Any]) -> list[str]:
+    """The settings in ``asked`` whose value is not the one ``stored`` (progress bars are no setting)."""
+    return [name for name, value in asked.items() if name != "progress" and stored.get(name) != value]
 
 
 def _expand(paths: str | Path | Iterable[str | Path]) -> list[Path]:

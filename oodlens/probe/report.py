@@ -94,21 +94,31 @@ def _tables(result: ProbeResult) -> dict[str, pd.DataFrame]:
 
 
 def comparison_frame(result: ProbeResult) -> pd.DataFrame:
-    """Tidy ``[method, metric, value]`` of the headline numbers, for the comparison figure and table."""
+    """Tidy ``[method, metric, value, low, high, n]`` of the headline numbers, for the comparison figure and
+    table: perplexities with their bootstrap interval over windows, passkey accuracies with their Wilson
+    interval over prompts; the diagnosis' factors come from one capture (no interval, n = 1)."""
     rows = []
     for method, block in result.summary()["methods"].items():
         if "skipped" in block:
             continue
-        rows.append((method, "ppl beyond train length", block.get("ppl_beyond_train_length")))
-        rows.append((method, "ppl within train length", block.get("ppl_within_train_length")))
+        intervals = block["intervals"]
+        for key, label in (
+            ("ppl_beyond_train_length", "ppl beyond train length"),
+            ("ppl_within_train_length", "ppl within train length"),
+        ):
+            rows.append(_estimate_row(method, label, intervals[key]))
         diagnosis = block.get("diagnosis", {})
         for key, label in (("max_logit_beyond", "max logit beyond"), ("entropy_beyond", "entropy beyond")):
             if key in diagnosis:
-                rows.append((method, label, diagnosis[key]))
-        for length, accuracy in block.get("passkey", {}).items():
-            rows.append((method, f"passkey accuracy @ {length}", accuracy))
-    frame = pd.DataFrame(rows, columns=["method", "metric", "value"])
-    return frame.dropna()
+                rows.append((method, label, diagnosis[key], None, None, 1))
+        for length, estimate in intervals.get("passkey", {}).items():
+            rows.append(_estimate_row(method, f"passkey accuracy @ {length}", estimate))
+    frame = pd.DataFrame(rows, columns=["method", "metric", "value", "low", "high", "n"])
+    return frame.dropna(subset=["value"])
+
+
+def _estimate_row(method: str, metric: str, estimate: dict) -> tuple:
+    return (method, metric, estimate["value"], estimate["low"], estimate["high"], estimate["n"])
 
 
 def task_frame(result: ProbeResult) -> pd.DataFrame:
@@ -191,26 +201,28 @@ def figure_captions(result: ProbeResult) -> dict[str, str]:
         "perplexity_by_position": "Perplexity by position (log scale) for every method and the "
         "content-matched baseline whose context is truncated to the pretraining length. "
         + _perplexity_sentence(result),
-        "method_comparison": "Headline numbers per method.",
+        "method_comparison": "Headline numbers per method, with their 95 % intervals where they have one "
+        "(perplexity over windows, passkey over prompts; the factors come from one capture).",
     }
     if result.passkey is not None:
-        accuracy = result.passkey.summary()
         captions["passkey"] = (
-            "Passkey retrieval accuracy by prompt length and needle depth: "
+            "Passkey retrieval by prompt length and needle depth, correct of n prompts with the 95 % Wilson "
+            "interval: "
             + "; ".join(
-                f"{method} " + ", ".join(f"{format_number(v)} at {k}" for k, v in by_length.items())
-                for method, by_length in accuracy.items()
+                f"{method} "
+                + ", ".join(f"{estimate_text(e, count=True)} at {k}" for k, e in by_length.items())
+                for method, by_length in result.passkey.intervals().items()
             )
             + "."
         )
     if result.generation is not None:
-        scores = result.generation.summary()
         captions["generation_quality"] = (
-            "BLEU and ROUGE-L of the greedy continuation against the real one: "
+            "BLEU and ROUGE-L of the greedy continuation against the real one, mean over windows with "
+            "the 95 % bootstrap interval (none from one window): "
             + "; ".join(
                 f"{method} ROUGE-L "
-                + ", ".join(f"{format_number(v['rouge_l'])} after {k}" for k, v in by_milestone.items())
-                for method, by_milestone in scores.items()
+                + ", ".join(f"{estimate_text(v['rouge_l'])} after {k}" for k, v in by_milestone.items())
+                for method, by_milestone in result.generation.intervals().items()
             )
             + "."
         )
@@ -263,8 +275,8 @@ def render_markdown(result: ProbeResult, summary: dict, figures: list[Path], roo
         "",
         "## Numbers",
         "",
-        "Perplexity with its 95 % bootstrap interval over windows (none from one window), passkey with its "
-        "95 % Wilson interval over prompts.",
+        "Perplexity and BLEU / ROUGE-L with their 95 % bootstrap interval over windows (none from one "
+        "window), passkey with its 95 % Wilson interval over prompts; logits and entropies from one capture.",
         "",
         "| method | ppl ≤ train | ppl > train | max logit ≤ train | max logit > train | entropy ≤ train "
         "| entropy > train | passkey (correct/n) | BLEU / ROUGE-L |",
@@ -283,8 +295,8 @@ def render_markdown(result: ProbeResult, summary: dict, figures: list[Path], roo
         )
         generation = (
             "; ".join(
-                f"{k}: {format_number(v.get('bleu'))} / {format_number(v.get('rouge_l'))}"
-                for k, v in block.get("generation", {}).items()
+                f"{k}: {estimate_text(v.get('bleu'))} / {estimate_text(v.get('rouge_l'))}"
+                for k, v in intervals.get("generation", {}).items()
             )
             or "–"
         )

@@ -196,7 +196,7 @@ def verdict(result: ProbeResult) -> str:
 
 
 FACTOR_NAMES = {1: "unseen distances", 2: "attention entropy", 3: "starting tokens"}
-HELD_RATIO = 1.10  # within 10 % of the baseline the fix held, whatever the interval says
+HELD_RATIO = 1.10  # the paper's goal: within 10 % of the baseline; the interval says how sure
 
 
 def with_interval(estimate: Estimate) -> str:
@@ -209,16 +209,24 @@ def with_interval(estimate: Estimate) -> str:
 
 
 def _held(ratio: float, difference: str, n_windows: int) -> str:
-    """Whether the fix held, worded only as strongly as the interval over windows allows."""
+    """Whether the fix held (perplexity within :data:`HELD_RATIO` of the baseline's), worded only as strongly
+    as the intervals over windows allow; ``difference``: :func:`describe_difference` of method vs baseline."""
     if math.isnan(ratio):
         return "no ratio to tell (a perplexity overflowed)"
+    windows = f"{n_windows} window{'s' if n_windows != 1 else ''}"
     if ratio <= HELD_RATIO:
-        return "the fix held"
+        if difference == "higher":
+            return "within 10 % of it, but measurably higher (the intervals do not overlap)"
+        if difference == "lower":
+            return "the fix held, below the baseline (the intervals do not overlap)"
+        if n_windows < 2:
+            return "the fix held in this one window (no interval: run more --windows to be sure)"
+        return f"the fix held (indistinguishable from the baseline over {windows})"
     if difference == "higher":
         return "the fix did not fully hold (the intervals do not overlap)"
     if n_windows < 2:
         return "the fix did not fully hold in this one window (no interval: run more --windows to tell)"
-    return f"higher, but within the uncertainty of {n_windows} windows"
+    return f"higher, but within the uncertainty of {windows}"
 
 
 def _fix_clause(finding: Finding, vanilla: list[Finding] | None) -> str:
