@@ -189,7 +189,7 @@ class MethodComparison(Displayed):
 
     def table(self) -> pd.DataFrame:
         """One row per method and the baseline: perplexity within L and its ratio to the baseline beyond,
-        passkey ``correct/n`` per length, the mean task score per task length over every task's prompts
+        passkey ``correct/n [Wilson interval]`` per length, the mean task score per task length over every task's prompts
         (with its interval), the factors beyond L, prefill seconds, decode ms per token and cache MiB at
         ``length``."""
         decode = self.speed.set_index("method") if self.speed is not None else pd.DataFrame()
@@ -201,7 +201,7 @@ class MethodComparison(Displayed):
                 reference = self.span_ppl(TRUNCATED_BASELINE, start, end)
                 row[f"ppl {start}-{end} / baseline"] = self.span_ppl(name, start, end) / reference
             for length, estimate in self.passkey(name).items():
-                row[f"passkey @{length}"] = f"{round(estimate.value * estimate.n)}/{estimate.n}"
+                row[f"passkey @{length}"] = estimate_text(estimate.to_dict(), count=True)
             if self.tasks is not None:
                 for length, rows_at in self.tasks[self.tasks["method"] == name].groupby("length"):
                     row[f"tasks @{length}"] = estimate_text(score_estimate(rows_at["score"]).to_dict())
