@@ -171,9 +171,12 @@ def run(argv: list[str] | None = None) -> pd.DataFrame:
     common.print_table(f"methods on {settings.model} (train length {train}, {length} tokens)", table)
     table.to_csv(settings.cache / "table.csv", index=False)
     if task_rows is not None:
-        task_table = comparison.task_table()
+        task_result = comparison.task_result()
+        task_table = task_result.accuracy()
         common.print_table(f"tasks at {task_length} tokens (mean score, 95 % interval)", task_table)
         task_table.to_csv(settings.cache / "tasks.csv", index=False)
+        tasks_figure = plotting.plot_method_comparison(task_result.metric_frame(), facet=True)
+        common.save(settings, tasks_figure, "compare_tasks")
     repairs.to_csv(settings.cache / "repairs.csv", index=False)
     return table
 

@@ -20,7 +20,7 @@ EXPECTED = {
     "table2_passkey": ["table2_passkey"],
     "table3_generation": ["table3_generation"],
     "efficiency": ["efficiency"],
-    "compare_methods": ["compare_perplexity_by_position", "compare_repair_map"],
+    "compare_methods": ["compare_perplexity_by_position", "compare_repair_map", "compare_tasks"],
     "streaming_1m": ["streaming_1m"],
 }
 

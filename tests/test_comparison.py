@@ -104,7 +104,7 @@ def test_the_table_pools_each_methods_task_scores_with_an_interval(comparison):
     # resampled means of two scores from {0.5, 1}: 0.5, 0.75 or 1, so the percentiles are the extremes
     assert table.loc["vanilla", "tasks @6"] == "0.75 [0.5, 1]"
     assert pd.isna(table.loc[TRUNCATED_BASELINE, "tasks @6"])  # the baseline answered no task here
-    tasks = comparison.task_table().set_index(["method", "task"])
+    tasks = comparison.task_result().accuracy().set_index(["method", "task"])
     cell = tasks.loc[("fixed", "variable_tracking")]
     assert (cell["value"], cell["n"], cell["interval"]) == (0.5, 2, "wilson")
     assert tasks.loc[("vanilla", "common_words"), "interval"] == "bootstrap"

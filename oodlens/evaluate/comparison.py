@@ -189,9 +189,9 @@ class MethodComparison(Displayed):
 
     def table(self) -> pd.DataFrame:
         """One row per method and the baseline: perplexity within L and its ratio to the baseline beyond,
-        passkey ``correct/n [Wilson interval]`` per length, the mean task score per task length over every task's prompts
-        (with its interval), the factors beyond L, prefill seconds, decode ms per token and cache MiB at
-        ``length``."""
+        passkey ``correct/n [Wilson interval]`` per length, the mean task score per task length over every
+        task's prompts (with its interval), the factors beyond L, prefill seconds, decode ms per token and
+        cache MiB at ``length``."""
         decode = self.speed.set_index("method") if self.speed is not None else pd.DataFrame()
         (within, *beyond) = self.spans()
         rows = []
@@ -217,12 +217,10 @@ class MethodComparison(Displayed):
             rows.append(row)
         return pd.DataFrame(rows)
 
-    def task_table(self) -> pd.DataFrame:
-        """Per (method, task, length): the mean score with its 95 % interval and n
-        (:meth:`TaskResult.accuracy`); empty without tasks."""
-        if self.tasks is None:
-            return TaskResult().accuracy()
-        return TaskResult(rows=self.tasks.to_dict("records")).accuracy()
+    def task_result(self) -> TaskResult:
+        """The task rows of every method and the baseline as one :class:`TaskResult` (empty without tasks):
+        its ``accuracy()`` is the per (method, task, length) table, its ``metric_frame()`` the figure's."""
+        return TaskResult(rows=[] if self.tasks is None else self.tasks.to_dict("records"))
 
     def repairs(self) -> pd.DataFrame:
         """The repair map's cells, one row per (method, quantity): ``ratio`` of the method's value beyond L to

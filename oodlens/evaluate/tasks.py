@@ -77,6 +77,13 @@ class TaskResult(Displayed):
         columns = ["method", "task", "length", "value", "low", "high", "n", "interval"]
         return pd.DataFrame(rows, columns=columns)
 
+    def metric_frame(self) -> pd.DataFrame:
+        """Tidy ``[method, metric, value, low, high, n]``, one metric per ``task @ length``: what
+        :func:`oodlens.plotting.plot_method_comparison` draws."""
+        accuracy = self.accuracy()
+        accuracy["metric"] = accuracy["task"] + " @ " + accuracy["length"].astype(str)
+        return accuracy[["method", "metric", "value", "low", "high", "n"]]
+
     def summary(self) -> dict[str, dict[str, dict[str, dict[str, Any]]]]:
         """``{method: {task: {str(length): Estimate.to_dict()}}}``."""
         out: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}

@@ -249,7 +249,9 @@ def _bars(ax: Axes, frame: pd.DataFrame, names: list[str], *, groups: list[str] 
     if groups:
         ax.set_xticks(range(len(groups)), groups)
     else:
-        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+        upright = len(names) > 5  # slanted names of many methods run into each other
+        rotation, align = (90, "center") if upright else (30, "right")
+        ax.set_xticks(range(len(names)), names, rotation=rotation, ha=align)
     ax.margins(y=0.15)
 
 

@@ -121,13 +121,6 @@ def _estimate_row(method: str, metric: str, estimate: dict) -> tuple:
     return (method, metric, estimate["value"], estimate["low"], estimate["high"], estimate["n"])
 
 
-def task_frame(result: ProbeResult) -> pd.DataFrame:
-    """Tidy ``[method, metric, value, low, high]`` of the task accuracies (one metric per task and length)."""
-    accuracy = result.tasks.accuracy()
-    accuracy["metric"] = accuracy["task"] + " @ " + accuracy["length"].astype(str)
-    return accuracy[["method", "metric", "value", "low", "high"]]
-
-
 def _figures(result: ProbeResult, folder: Path) -> list[Path]:
     """Draw every figure that the result has data for; returns the PNG paths."""
     folder.mkdir(parents=True)
@@ -151,7 +144,7 @@ def _figures(result: ProbeResult, folder: Path) -> list[Path]:
     if result.generation is not None:
         drawings["generation_quality"] = lambda: plotting.plot_generation_quality(result.generation, train)
     if result.tasks is not None:
-        drawings["tasks"] = lambda: plotting.plot_method_comparison(task_frame(result), facet=True)
+        drawings["tasks"] = lambda: plotting.plot_method_comparison(result.tasks.metric_frame(), facet=True)
     comparison = comparison_frame(result)
     if not comparison.empty:
         drawings["method_comparison"] = lambda: plotting.plot_method_comparison(comparison, facet=True)
