@@ -210,3 +210,11 @@ def test_a_model_revision_says_which_weights(tmp_path):
         tiny.model.lm_head.weight.add_(1.0)
     tiny.model.save_pretrained(folder)
     assert model_revision(str(folder), loaded.model) != first
+
+
+def test_a_hub_model_revision_is_its_commit():
+    # a hub name is no local path: the revision is the commit transformers recorded on the config, if any
+    model = tiny_model("llama").model
+    assert model_revision("some-org/some-model", model) == "hub:unknown"
+    model.config._commit_hash = "0123abcd" * 5
+    assert model_revision("some-org/some-model", model) == "hub:" + "0123abcd" * 5

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -55,3 +56,49 @@ def test_every_test_the_guarantees_page_names_exists():
     }
     assert len(named) >= 20
     assert sorted(named - defined) == []
+
+
+def _block_after(text: str, marker: str) -> str:
+    """The first fenced block after ``marker`` in ``text``."""
+    return re.search(r"^```\w*\n(.*?)^```", text[text.index(marker) :], re.S | re.M).group(1)
+
+
+def test_the_job_array_recipe_runs_resumes_and_collects(tmp_path):
+    """docs/sweeps.md's sweep.txt and job script as written, each array task in turn on a tiny model, then
+    the whole array again (every run skipped), then its comparison command."""
+    import subprocess
+    import sys
+
+    import oodlens
+
+    page = (ROOT / "docs" / "sweeps.md").read_text()
+    lines = _block_after(page, "`sweep.txt`")
+    for real, tiny in (("meta-llama/Llama-2-7b-hf", "tiny:llama"), ("8192 ", "400 "), ("16384", "480"),
+                       ("32768", "560")):  # fmt: skip
+        lines = lines.replace(real, tiny)
+    (tmp_path / "sweep.txt").write_text(lines)
+    script = _block_after(page, "`sweep.sbatch`").replace("python -m", f"{sys.executable} -m")
+    script = script.replace("--device cuda", "--device cpu")
+    (tmp_path / "sweep.sbatch").write_text(script)
+
+    def array_task(index: int) -> str:
+        environment = {**os.environ, "SLURM_ARRAY_TASK_ID": str(index), "OMP_NUM_THREADS": "1"}
+        done = subprocess.run(["bash", "sweep.sbatch"], cwd=tmp_path, env=environment, capture_output=True,
+                              text=True)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout + done.stderr
+
+    for index in (1, 2, 3):
+        array_task(index)
+    summaries = {path: path.stat().st_mtime_ns for path in tmp_path.glob("runs/*/summary.json")}
+    assert len(summaries) == 3
+    for index in (1, 2, 3):  # the array again, as after a failure: nothing left to do
+        assert "nothing to do" in array_task(index)
+    assert {path: path.stat().st_mtime_ns for path in summaries} == summaries
+    table = oodlens.collect(str(tmp_path / "runs" / "llama2-*"))
+    assert sorted(table.length.unique()) == [400, 480, 560]
+    assert set(table[table.length == 560].method) == {"vanilla", "lm-infinite", "streaming-llm",
+                                                       "vanilla-truncated"}  # fmt: skip
+    compare = _block_after(page, "From the command line").replace("python -m", f"{sys.executable} -m")
+    subprocess.run(["bash", "-c", compare], cwd=tmp_path, check=True, capture_output=True)
+    assert (tmp_path / "runs" / "llama2-comparison" / "comparison.md").exists()
