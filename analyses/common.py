@@ -200,7 +200,11 @@ def is_stored(
     stored, header = settings.cache / f"{key}{suffix}", settings.cache / f"{key}.json"
     if settings.recompute or not (stored.exists() and header.exists()):
         return False
-    stored_params, asked = json.loads(header.read_text()), _run_params(settings, params)
+    try:
+        stored_params = json.loads(header.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False  # an unreadable header is no stored result: computed again and rewritten
+    asked = _run_params(settings, params)
     return stored_params == asked or (serves is not None and serves(stored_params, asked))
 
 

@@ -5,14 +5,16 @@ middle tokens (k = 5 from layer 4, as the paper uses for retrieval), at lengths 
 length L to 3 L (default L/2, L, 1.5 L, 2 L, 3 L: 4k–24k for SmolLM2), ``--prompts`` per length (default 20)
 with their needles at depths spread evenly over the filler ((k + ½) / prompts), each with its own key.
 Each length is cached on its own, so a run that stops resumes at the length it was on, and the table and
-figure show every length computed so far with the same settings (prompts, top-k, seed), asked for or not:
-lengths run in separate sessions add up.
+figure show every length computed so far with the same settings (prompts, top-k, seed), asked for or not
+(``--recompute`` draws only the lengths it recomputes): lengths run in separate sessions add up.
 
     python analyses/table2_passkey.py                             # SmolLM2: hours on 2 cores
     python analyses/table2_passkey.py --lengths 4096,12288 --prompts 6
 """
 
 from __future__ import annotations
+
+import re
 
 import common
 import pandas as pd
@@ -37,7 +39,7 @@ def spread_depths(n: int) -> list[float]:
 def stored_lengths(settings, params) -> list[int]:
     """The lengths whose rows are cached with ``params(length)``: those a run with these settings reuses."""
     names = (path.stem.removeprefix("rows-") for path in settings.cache.glob("rows-*.json"))
-    lengths = [int(name) for name in names if name.isdigit()]
+    lengths = [int(name) for name in names if re.fullmatch(r"[0-9]+", name)]
     return [length for length in lengths if common.is_stored(settings, f"rows-{length}", params(length))]
 
 

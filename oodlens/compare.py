@@ -95,7 +95,13 @@ def _cell(row: pd.Series) -> str:
 
 def _table(rows: pd.DataFrame) -> str:
     """Methods × runs (their labels) of one metric, as a Markdown table."""
-    # pivot, not pivot_table: a repeated (method, run) cell raises instead of being silently aggregated
+    repeated = rows[rows.duplicated(["method", "label"], keep=False)]
+    if not repeated.empty:  # never aggregated silently: one run has two values for one method and metric
+        row = repeated.iloc[0]
+        raise OodlensError(
+            f"run {row['run']} has several rows for {row['method']} at {row['metric']!r}: its table.csv or "
+            "summary is not one value per method and metric; rerun it"
+        )
     table = rows.pivot(index="method", columns="label", values="cell")
     table = table.reindex(index=rows["method"].unique(), columns=rows["label"].unique())  # order of the runs
     head = "| method | " + " | ".join(map(str, table.columns)) + " |"

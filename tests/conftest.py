@@ -17,8 +17,9 @@ ROPE_TINY_FAMILIES = tuple(family for family in TINY_FAMILIES if family != "gpt2
 
 @pytest.fixture(scope="session", autouse=True)
 def every_written_summary_follows_the_schema():
-    """Every ``summary.json`` a probe writes in any test is validated against the shipped schema as it is
-    written (a test that writes an invalid one fails there, naming the folder)."""
+    """Every ``summary.json`` a probe writes in this test process is validated against the shipped schema as
+    it is written (a test that writes an invalid one fails there, naming the folder); probes run as
+    subprocesses are validated when their folders are collected."""
     from oodlens.probe import report
     from oodlens.probe.collect import validate_summary
 

@@ -209,3 +209,14 @@ def test_run_all_records_the_time_of_every_script(stand_in_scripts, monkeypatch,
         run_all.main(["--jobs", "1", "--out", str(tmp_path / "elsewhere")])
     elsewhere = json.loads((tmp_path / "elsewhere" / "timings.json").read_text())
     assert [script["name"] for script in elsewhere["scripts"]] == ["long", "broken", "timed"]
+
+
+@pytest.mark.parametrize(
+    "argv", [[], ["--quick"], ["--out", "there"], ["--quick", "--out", "x", "--recompute"]]
+)
+def test_run_all_records_timings_where_the_scripts_write(argv):
+    import common
+    import run_all
+
+    settings = common.parse("any", "", None, argv, reuse_memory=False)
+    assert run_all._figure_folder(argv) == settings.out

@@ -304,6 +304,9 @@ def test_comparison_table_carries_each_numbers_interval(probe_folder):
         )
         assert row.low <= row.value <= row.high
     beyond = table[table.metric == "ppl beyond train length"].set_index("method")
-    for method, block in intervals.items():
-        assert beyond.loc[method, "value"] == pytest.approx(block["ppl_beyond_train_length"]["value"])
-        assert beyond.loc[method, "n"] == block["ppl_beyond_train_length"]["n"]
+    for method, block in intervals.items():  # the headline number, with its interval's ends and n beside it
+        assert beyond.loc[method, "value"] == pytest.approx(methods[method]["ppl_beyond_train_length"])
+        estimate = block["ppl_beyond_train_length"]
+        ends = [math.nan if end is None else end for end in (estimate["low"], estimate["high"])]
+        assert [beyond.loc[method, "low"], beyond.loc[method, "high"]] == pytest.approx(ends, nan_ok=True)
+        assert beyond.loc[method, "n"] == estimate["n"]

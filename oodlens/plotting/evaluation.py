@@ -198,7 +198,8 @@ def plot_method_comparison(
         raise OodlensError(f"metric {missing[0]!r} is not in the data (has {sorted(set(runs['metric']))})")
     runs = runs[runs["metric"].isin(metrics)]
     repeated = runs[runs.duplicated(["metric", "series"], keep=False)]
-    if {"low", "high"} & set(runs.columns) and not repeated.empty:
+    has_intervals = bool(runs.reindex(columns=["low", "high"]).notna().to_numpy().any())
+    if has_intervals and not repeated.empty:
         raise OodlensError(
             f"method-comparison data has several rows with intervals for {repeated['series'].iloc[0]!r} "
             f"at {repeated['metric'].iloc[0]!r}: intervals cannot be averaged; give one row per method and "

@@ -216,7 +216,7 @@ def _held(ratio: float, difference: str, n_windows: int) -> str:
     windows = f"{n_windows} window{'s' if n_windows != 1 else ''}"
     if ratio <= HELD_RATIO:
         if difference == "higher":
-            return "within 10 % of it, but measurably higher (the intervals do not overlap)"
+            return f"within {HELD_RATIO - 1:.0%} of it, but measurably higher (the intervals do not overlap)"
         if difference == "lower":
             return "the fix held, below the baseline (the intervals do not overlap)"
         if n_windows < 2:
