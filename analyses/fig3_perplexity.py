@@ -5,7 +5,8 @@ Methods: LM-Infinite and the content-matched baseline ``vanilla-truncated`` (van
 the pretraining length) to ``--length`` (default 4 × train length), vanilla to ``--vanilla-length`` (default
 2 × train length; it has exploded well before). Prints perplexity over [L, 2L) and [2L, 4L) and the ratio
 LM-Infinite / baseline (goal ≤ 1.10), and vanilla's ratio past 1.5 L (goal > 10). Every perplexity carries
-its 95 % bootstrap interval over the windows (the figure's bands, the table's brackets).
+its 95 % bootstrap interval over the windows (the figure's bands, the table's brackets), every ratio its
+paired interval over the same windows (near 1 written as a difference in percent).
 
     python analyses/fig3_perplexity.py               # 4 windows from different offsets of the corpus
 """
@@ -17,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from oodlens import plotting
-from oodlens.display import estimate_text
+from oodlens.display import estimate_text, ratio_text
 from oodlens.evaluate import TRUNCATED_BASELINE, PerplexityResult, perplexity_by_position
 from oodlens.policies import lm_infinite, vanilla
 
@@ -92,9 +93,9 @@ def run(argv: list[str] | None = None) -> pd.DataFrame:
                 for method in ("vanilla", "lm-infinite", TRUNCATED_BASELINE)
             }
             line |= {method: estimate_text(e.to_dict()) for method, e in estimates.items()}
-            baseline = estimates[TRUNCATED_BASELINE].value
-            line["lm-infinite / baseline"] = estimates["lm-infinite"].value / baseline
-            line["vanilla / baseline"] = estimates["vanilla"].value / baseline
+            for method in ("lm-infinite", "vanilla"):  # on the same windows: a paired interval
+                ratio = result.ratio(method, TRUNCATED_BASELINE, start, end)
+                line[f"{method} / baseline"] = ratio_text(ratio.to_dict())
             rows.append(line)
     summary = pd.DataFrame(rows)
     common.print_table(f"perplexity ({settings.windows} window(s), train length {train})", summary)

@@ -33,6 +33,24 @@ def estimate_text(estimate: Mapping[str, Any] | None, *, count: bool = False) ->
     return f"{text} [{format_number(low)}, {format_number(high)}]"
 
 
+def ratio_text(estimate: Mapping[str, Any] | None) -> str:
+    """A ratio's :meth:`~oodlens.stats.Estimate.to_dict` as reports write it: near 1 (within 2× either way)
+    the difference in percent, ``+0.04 % [-0.02, +0.10]``, whose digits 3 significant digits of the ratio
+    would hide; else ``8.29× [7.6, 9.1]``; ``–`` for none."""
+    if not estimate or estimate.get("value") is None:
+        return "–"
+    value, low, high = (estimate.get(key) for key in ("value", "low", "high"))
+    if not 0.5 < value < 2:
+        interval = "" if low is None or high is None else f" [{format_number(low)}, {format_number(high)}]"
+        return f"{format_number(value)}×{interval}"
+
+    def percent(ratio: float) -> str:
+        return f"{100 * (ratio - 1):+.2f}"
+
+    interval = "" if low is None or high is None else f" [{percent(low)}, {percent(high)}]"
+    return f"{percent(value)} %{interval}"
+
+
 def short_repr(kind: str, headline: Mapping[str, Any]) -> str:
     """``Kind(key=value, …)`` with numbers to 3 significant digits."""
     return f"{kind}(" + ", ".join(f"{key}={format_number(value)}" for key, value in headline.items()) + ")"

@@ -206,6 +206,16 @@ def describe_difference(a: Estimate, b: Estimate) -> Literal["higher", "lower", 
     return "indistinguishable"  # overlapping, or a NaN end (every comparison with NaN is False)
 
 
+def describe_ratio(ratio: Estimate) -> Literal["higher", "lower", "indistinguishable"]:
+    """How a paired ratio (``a`` over ``b`` on the same samples) compares with 1: "higher" or "lower" only
+    when its interval excludes 1, else "indistinguishable" (also when it has no interval)."""
+    if ratio.low > 1:
+        return "higher"
+    if ratio.high < 1:
+        return "lower"
+    return "indistinguishable"  # covering 1, or a NaN end
+
+
 def _z(confidence: float) -> float:
     """The two-sided normal quantile for ``confidence`` (1.96 for 0.95)."""
     return float(norm.ppf(_quantiles(confidence)[1]))

@@ -21,7 +21,7 @@ from oodlens.errors import OodlensError
 from oodlens.evaluate import PerplexityResult
 from oodlens.models import load_model, model_revision
 from oodlens.probe.collect import SCHEMA_PATH, read_summary, summary_schema, validate_summary
-from oodlens.stats import perplexity_interval
+from oodlens.stats import describe_difference, perplexity_interval
 from oodlens.tiny import byte_tokenizer, tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,6 +87,29 @@ def test_perplexity_intervals_resample_whole_windows():
     assert math.isnan(averaged.estimate("m", 16, 40).low)
     with pytest.raises(OodlensError, match="3 rows of window NLL for 5 windows"):
         PerplexityResult({"m": windows[:3]}, 16, 40, 5, 8)
+
+
+def test_a_ratio_of_perplexities_pairs_the_windows():
+    rng = np.random.default_rng(1)
+    reference = rng.uniform(1.0, 3.0, (5, 40)) + rng.uniform(0.0, 2.0, (5, 1))  # windows differ a lot
+    method = reference + 0.01  # and the method is 0.01 nats worse on every token of every window
+
+    def result(m: np.ndarray, r: np.ndarray) -> PerplexityResult:
+        return PerplexityResult({"m": m.astype(np.float32), "r": r.astype(np.float32)}, 16, 40, 5, 8)
+
+    ratio = result(method, reference).ratio("m", "r", 16, 40)
+    assert ratio.value == pytest.approx(result(method, reference).ppl("m", 16, 40) / result(
+        method, reference).ppl("r", 16, 40))  # fmt: skip
+    assert (ratio.low, ratio.high, ratio.n) == pytest.approx((math.exp(0.01), math.exp(0.01), 5), rel=1e-5)
+    # unpaired, the windows' spread hides the difference that pairing shows
+    unpaired = [result(method, reference).estimate(name, 16, 40) for name in ("m", "r")]
+    assert describe_difference(*unpaired) == "indistinguishable"
+    shifted = method + rng.normal(0.0, 0.05, (5, 1))  # a per-window difference: resampled as one per window
+    by_hand = perplexity_interval(shifted[:, 16:40].mean(axis=1) - reference[:, 16:40].mean(axis=1))
+    estimate = result(shifted, reference).ratio("m", "r", 16, 40)
+    assert (estimate.low, estimate.high) == pytest.approx(by_hand[1:3], rel=1e-5)
+    averaged = PerplexityResult({"m": method.mean(axis=0), "r": reference.mean(axis=0)}, 16, 40, 5, 8)
+    assert math.isnan(averaged.ratio("m", "r", 16, 40).low)  # only the averages: no interval
 
 
 def test_collect_gives_one_tidy_table(runs):

@@ -7,6 +7,7 @@ import torch
 
 import oodlens
 from oodlens import evaluate
+from oodlens.display import ratio_text
 from oodlens.probe import ProbeConfig, run_probe
 
 TRAIN = 64
@@ -54,3 +55,18 @@ def test_short_repr_and_html(results, kind, expected):
     assert all(part in text for part in expected), text
     page = result._repr_html_()
     assert page.startswith("<div><b>") and "<table>" in page and len(page) < 6000
+
+
+@pytest.mark.parametrize(
+    "estimate, text",
+    [
+        ({"value": 1.0004, "low": 0.9998, "high": 1.0011}, "+0.04 % [-0.02, +0.11]"),
+        ({"value": 0.97, "low": None, "high": None}, "-3.00 %"),
+        ({"value": 8.2868, "low": 7.6, "high": 9.1}, "8.29× [7.6, 9.1]"),
+        ({"value": 0.25, "low": None, "high": None}, "0.25×"),
+        ({"value": None, "low": None, "high": None}, "–"),
+        (None, "–"),
+    ],
+)
+def test_a_ratio_near_one_is_written_as_a_difference_in_percent(estimate, text):
+    assert ratio_text(estimate) == text

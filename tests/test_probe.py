@@ -15,7 +15,7 @@ from oodlens.evaluate import budget
 from oodlens.probe import report
 from oodlens.probe.collect import read_summary, validate_summary
 from oodlens.probe.result import _held
-from oodlens.stats import Estimate, describe_difference
+from oodlens.stats import Estimate, describe_ratio
 
 TINY_RUN = ["--length", "400", "--new-tokens", "8", "--no-progress", "--bucket", "64"]
 
@@ -266,29 +266,26 @@ def test_model_args_reach_from_pretrained(tmp_path, capsys, monkeypatch):
     assert code == 2 and "key=value pairs" in capsys.readouterr().err
 
 
-def _windows(value: float, low: float, high: float, n: int) -> Estimate:
-    return Estimate(value, low, high, n, "bootstrap")
-
-
-BASELINE = _windows(8.0, 7.8, 8.2, 4)
+def _paired(value: float, low: float, high: float, n: int) -> Estimate:
+    return Estimate(value, low, high, n, "paired-bootstrap-windows")
 
 
 @pytest.mark.parametrize(
-    "method, expected",
+    "ratio, expected",
     [
-        (_windows(8.1, 7.9, 8.3, 4), "the fix held (indistinguishable from the baseline over 4 windows)"),
-        (_windows(8.6, 8.4, 8.8, 4), "within 10 % of it, but measurably higher"),
-        (_windows(7.5, 7.3, 7.7, 4), "the fix held, below the baseline (the intervals do not overlap)"),
-        (_windows(8.1, math.nan, math.nan, 1), "the fix held in this one window (no interval"),
-        (_windows(9.0, 8.5, 9.5, 4), "the fix did not fully hold (the intervals do not overlap)"),
-        (_windows(9.0, 7.9, 10.1, 4), "higher, but within the uncertainty of 4 windows"),
-        (_windows(9.0, math.nan, math.nan, 1), "the fix did not fully hold in this one window"),
+        (_paired(1.01, 0.99, 1.03, 4), "the fix held (indistinguishable from the baseline over 4 windows)"),
+        (_paired(1.075, 1.05, 1.10, 4), "within 10 % of it, but measurably higher (the paired interval"),
+        (_paired(0.95, 0.93, 0.97, 4), "the fix held, below the baseline (the paired interval excludes 1)"),
+        (_paired(1.01, math.nan, math.nan, 1), "the fix held in this one window (no interval"),
+        (_paired(1.125, 1.06, 1.19, 4), "the fix did not fully hold (the paired interval excludes 1)"),
+        (_paired(1.125, 0.98, 1.27, 4), "higher, but within the uncertainty of 4 windows"),
+        (_paired(1.125, math.nan, math.nan, 1), "the fix did not fully hold in this one window"),
+        (_paired(math.nan, math.nan, math.nan, 4), "no ratio to tell"),
     ],
 )
-def test_the_fix_is_called_held_only_as_strongly_as_the_intervals_allow(method, expected):
-    # 8.6 / 8.0 = 1.075 is within the 10 % goal, yet its interval lies wholly above the baseline's
-    held = _held(method.value / BASELINE.value, describe_difference(method, BASELINE), method.n)
-    assert held.startswith(expected)
+def test_the_fix_is_called_held_only_as_strongly_as_the_interval_allows(ratio, expected):
+    # 1.075 is within the 10 % goal, yet its paired interval lies wholly above 1
+    assert _held(ratio.value, describe_ratio(ratio), ratio.n).startswith(expected)
 
 
 def test_comparison_table_carries_each_numbers_interval(probe_folder):

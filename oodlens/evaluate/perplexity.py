@@ -112,6 +112,20 @@ class PerplexityResult(Displayed):
         # the value is the one ppl() gives everywhere else; the interval comes from resampled windows
         return replace(interval, value=self.ppl(method, start, end))
 
+    def ratio(self, method: str, reference: str, start: int = 1, end: int | None = None) -> Estimate:
+        """``method``'s perplexity over ``reference``'s on the same positions ``[start, end)``, with a paired
+        95 % bootstrap interval over windows: each window's mean NLL difference is resampled as one, so the
+        content's own variation, shared by both, cancels (NaN ends with fewer than 2 windows)."""
+        start, end = max(start, 1), self.length if end is None else end
+        value = self.ppl(method, start, end) / self.ppl(reference, start, end)
+        if method not in self.window_nll or reference not in self.window_nll or end <= start:
+            return Estimate(value, math.nan, math.nan, self.n_windows, "paired-bootstrap-windows")
+        first, second = (
+            self.window_nll[name][:, start:end].mean(axis=1, dtype=np.float64) for name in (method, reference)
+        )
+        interval = Estimate.perplexity(first - second)
+        return replace(interval, value=value, method="paired-bootstrap-windows")
+
     def to_dataframe(self) -> pd.DataFrame:
         rows = []
         for method in self.token_nll:

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..capture import Diagnosis
-from ..display import Displayed, estimate_text, format_number
+from ..display import Displayed, estimate_text, format_number, ratio_text
 from ..evaluate import (
     TRUNCATED_BASELINE,
     GenerationResult,
@@ -19,7 +19,7 @@ from ..evaluate import (
 )
 from ..evaluate.scoring import finite_or_none
 from ..models import ModelInfo
-from ..stats import Estimate, describe_difference
+from ..stats import Estimate, describe_ratio
 from ..storage import json_ready, runtime_versions
 from ..theory import Finding, TheoryReport, factor_findings
 from .config import ProbeConfig
@@ -167,11 +167,12 @@ def verdict(result: ProbeResult) -> str:
         sentence = f"{method} has perplexity {with_interval(beyond)} beyond the pretraining length"
         if baseline:
             reference = ppl.estimate(baseline, train, length)
-            ratio = beyond.value / reference.value if math.isfinite(reference.value) else math.nan
-            held = _held(ratio, describe_difference(beyond, reference), beyond.n)
+            ratio = ppl.ratio(method, baseline, train, length)
+            held = _held(ratio.value, describe_ratio(ratio), ratio.n)
             sentence += (
-                f", {format_number(ratio)}× the content-matched baseline with truncated context "
-                f"({with_interval(reference)}): {held}"
+                f", {format_number(ratio.value)}× the content-matched baseline with truncated context "
+                f"({with_interval(reference)}; difference {ratio_text(ratio.to_dict())}, paired over "
+                f"windows): {held}"
             )
         parts.append(sentence + ".")
     found = {method: factor_findings(d.summary(), length, train) for method, d in result.diagnoses.items()}
@@ -210,20 +211,21 @@ def with_interval(estimate: Estimate) -> str:
 
 def _held(ratio: float, difference: str, n_windows: int) -> str:
     """Whether the fix held (perplexity within :data:`HELD_RATIO` of the baseline's), worded only as strongly
-    as the intervals over windows allow; ``difference``: :func:`describe_difference` of method vs baseline."""
+    as the paired interval over windows allows; ``difference``: :func:`describe_ratio` of the ratio."""
     if math.isnan(ratio):
         return "no ratio to tell (a perplexity overflowed)"
     windows = f"{n_windows} window{'s' if n_windows != 1 else ''}"
     if ratio <= HELD_RATIO:
         if difference == "higher":
-            return f"within {HELD_RATIO - 1:.0%} of it, but measurably higher (the intervals do not overlap)"
+            goal = f"{100 * (HELD_RATIO - 1):.0f} %"
+            return f"within {goal} of it, but measurably higher (the paired interval excludes 1)"
         if difference == "lower":
-            return "the fix held, below the baseline (the intervals do not overlap)"
+            return "the fix held, below the baseline (the paired interval excludes 1)"
         if n_windows < 2:
             return "the fix held in this one window (no interval: run more --windows to be sure)"
         return f"the fix held (indistinguishable from the baseline over {windows})"
     if difference == "higher":
-        return "the fix did not fully hold (the intervals do not overlap)"
+        return "the fix did not fully hold (the paired interval excludes 1)"
     if n_windows < 2:
         return "the fix did not fully hold in this one window (no interval: run more --windows to tell)"
     return f"higher, but within the uncertainty of {windows}"
