@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 
 from oodlens import plotting
 from oodlens.data import DEFAULT_CORPUS, load_corpus, token_windows
+from oodlens.evaluate import PerplexityResult
 from oodlens.models import LoadedModel, load_model
 from oodlens.storage import atomic_path, write_json
 
@@ -154,6 +156,17 @@ def windows(settings: Settings, length: int):
         seed=settings.seed,
         join_documents=True,
     )
+
+
+def window_nll_frame(result: PerplexityResult) -> pd.DataFrame:
+    """Each method's NLL per window and position, one column per method (windows one after another): how
+    the scripts cache a :class:`PerplexityResult` so that intervals over windows can be drawn from it."""
+    return pd.DataFrame({method: nll.reshape(-1) for method, nll in result.window_nll.items()})
+
+
+def window_nll(frame: pd.DataFrame, method: str, n_windows: int) -> np.ndarray:
+    """``[n_windows, length]`` NLL of ``method`` from a :func:`window_nll_frame`."""
+    return frame[method].to_numpy().reshape(n_windows, -1)
 
 
 def _write_frame(frame: pd.DataFrame, path: Path) -> None:

@@ -31,15 +31,6 @@ def add_arguments(parser) -> None:
     )
 
 
-def _as_frame(result: PerplexityResult) -> pd.DataFrame:
-    """Each method's NLL per window and position, one column per method (windows one after another)."""
-    return pd.DataFrame({method: nll.reshape(-1) for method, nll in result.window_nll.items()})
-
-
-def _windows(frame: pd.DataFrame, method: str, n_windows: int) -> np.ndarray:
-    return frame[method].to_numpy().reshape(n_windows, -1)
-
-
 def run(argv: list[str] | None = None) -> pd.DataFrame:
     settings = common.parse("fig3_perplexity", __doc__.splitlines()[0], add_arguments, argv, windows=4)
     loaded = common.model(settings)
@@ -52,7 +43,7 @@ def run(argv: list[str] | None = None) -> pd.DataFrame:
         settings,
         "long",
         {"length": length, "stored": "per-window"},
-        lambda: _as_frame(
+        lambda: common.window_nll_frame(
             perplexity_by_position(loaded.model, ids, [lm_infinite()], train_length=train, bucket=bucket)
         ),
     )
@@ -60,7 +51,7 @@ def run(argv: list[str] | None = None) -> pd.DataFrame:
         settings,
         "vanilla",
         {"length": vanilla_length, "stored": "per-window"},
-        lambda: _as_frame(
+        lambda: common.window_nll_frame(
             perplexity_by_position(
                 loaded.model,
                 ids[:, :vanilla_length],
@@ -71,11 +62,11 @@ def run(argv: list[str] | None = None) -> pd.DataFrame:
             )
         ),
     )
-    token_nll = {method: _windows(long, method, settings.windows) for method in long}
+    token_nll = {method: common.window_nll(long, method, settings.windows) for method in long}
     # vanilla was run on the first tokens only: NaN beyond, so its buckets there stay empty
     token_nll["vanilla"] = np.concatenate(
         [
-            _windows(short, "vanilla", settings.windows),
+            common.window_nll(short, "vanilla", settings.windows),
             np.full((settings.windows, length - vanilla_length), np.nan),
         ],
         axis=1,

@@ -10,11 +10,12 @@ from .base import EVERY_KEY, CachePlan, Policy
 from .handle import PolicyHandle, apply_lm_infinite, apply_policy, native_or_policy
 from .lm_infinite import distance_limit, lambda_mask, lm_infinite, vanilla, window
 from .peers import dual_chunk, leaky_rerope, rerope, self_extend, streaming_llm, string
-from .registry import POLICIES, check_method, policy_by_name
+from .registry import ABLATIONS, POLICIES, check_method, policy_by_name
 from .rope_scaling import rope_scaling
 
 __all__ = [
     "EVERY_KEY",
+    "ABLATIONS",
     "POLICIES",
     "CachePlan",
     "Policy",

@@ -30,6 +30,8 @@ POLICIES: dict[str, Callable[..., Policy]] = {
     "yarn": partial(rope_scaling, "yarn"),
     "llama3-rope": partial(rope_scaling, "llama3"),
 }
+# LM-Infinite and its parts taken apart, as in the paper's Fig. 5
+ABLATIONS = ("vanilla", "window", "lambda", "distance-limit", "lm-infinite")
 
 
 def check_method(name: str) -> str:
