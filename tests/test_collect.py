@@ -241,3 +241,10 @@ def test_a_hub_model_revision_is_its_commit():
     assert model_revision("some-org/some-model", model) == "hub:unknown"
     model.config._commit_hash = "0123abcd" * 5
     assert model_revision("some-org/some-model", model) == "hub:" + "0123abcd" * 5
+
+
+def test_the_committed_example_summaries_follow_the_schema():
+    examples = sorted((ROOT / "docs" / "probe").glob("*-summary.json"))
+    assert examples
+    for path in examples:
+        validate_summary(json.loads(path.read_text()), str(path))

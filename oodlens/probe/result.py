@@ -171,8 +171,8 @@ def verdict(result: ProbeResult) -> str:
             held = _held(ratio.value, describe_ratio(ratio), ratio.n)
             sentence += (
                 f", {format_number(ratio.value)}× the content-matched baseline with truncated context "
-                f"({with_interval(reference)}; difference {ratio_text(ratio.to_dict())}, paired over "
-                f"windows): {held}"
+                f"({with_interval(reference)}; difference {ratio_text(ratio.to_dict())}"
+                f"{', paired over windows' if ratio.n > 1 else ''}): {held}"
             )
         parts.append(sentence + ".")
     found = {method: factor_findings(d.summary(), length, train) for method, d in result.diagnoses.items()}
