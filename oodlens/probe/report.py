@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import matplotlib.pyplot as plt
 import pandas as pd
@@ -19,10 +18,7 @@ from .. import plotting
 from ..display import estimate_text, format_number
 from ..storage import FolderWriter, folder_kind, preflight, write_folder, write_json
 from ..theory import factor_findings
-
-if TYPE_CHECKING:
-    from .result import ProbeResult
-
+from .result import ProbeResult, passkey_text
 
 REPORT_KIND = "report"
 
@@ -200,13 +196,7 @@ def figure_captions(result: ProbeResult) -> dict[str, str]:
     if result.passkey is not None:
         captions["passkey"] = (
             "Passkey retrieval by prompt length and needle depth, correct of n prompts with the 95 % Wilson "
-            "interval: "
-            + "; ".join(
-                f"{method} "
-                + ", ".join(f"{estimate_text(e, count=True)} at {k}" for k, e in by_length.items())
-                for method, by_length in result.passkey.intervals().items()
-            )
-            + "."
+            f"interval: {passkey_text(result)}."
         )
     if result.generation is not None:
         captions["generation_quality"] = (

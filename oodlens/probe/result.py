@@ -183,17 +183,20 @@ def verdict(result: ProbeResult) -> str:
                 clauses = [_fix_clause(finding, found.get("vanilla")) for finding in findings]
                 parts.append(f"Under {method}: " + "; ".join(clauses) + ".")
     if result.passkey is not None:
-        parts.append(
-            "Passkey accuracy (correct of n prompts, 95 % Wilson interval): "
-            + "; ".join(
-                f"{m} " + ", ".join(f"at {k} {estimate_text(e, count=True)}" for k, e in by_len.items())
-                for m, by_len in result.passkey.intervals().items()
-            )
-            + "."
-        )
+        wilson = "correct of n prompts, 95 % Wilson interval"
+        parts.append(f"Passkey accuracy ({wilson}): {passkey_text(result)}.")
     for method, reason in result.skipped.items():
         parts.append(f"{method} was skipped: {reason}")
     return " ".join(parts)
+
+
+def passkey_text(result: ProbeResult) -> str:
+    """``vanilla 0/4 [0, 0.49] at 16384; lm-infinite …``: each method's passkey correct of n per length with
+    its Wilson interval, as the verdict and the passkey figure's caption write it."""
+    return "; ".join(
+        f"{method} " + ", ".join(f"{estimate_text(e, count=True)} at {k}" for k, e in by_length.items())
+        for method, by_length in result.passkey.intervals().items()
+    )
 
 
 FACTOR_NAMES = {1: "unseen distances", 2: "attention entropy", 3: "starting tokens"}
