@@ -16,13 +16,13 @@ stops resumes at the method it was on.
 from __future__ import annotations
 
 import common
-import numpy as np
 import pandas as pd
 
 from oodlens import plotting
 from oodlens.data import DEFAULT_CORPUS, corpus_tokens, load_corpus
 from oodlens.evaluate import cycle_tokens, streaming_perplexity
 from oodlens.policies import policy_by_name
+from oodlens.stats import perplexity_interval
 
 DISPLAY_BUCKET = 65_536
 
@@ -39,17 +39,27 @@ def add_arguments(parser) -> None:
 
 
 def copies(frame: pd.DataFrame, copy_length: int) -> pd.DataFrame:
-    """Perplexity and peak memory per copy of the corpus (buckets pooled token-weighted; memory the max)."""
-    frame = frame.assign(copy=frame["start"] // copy_length, weighted=frame["nll"] * frame["n_tokens"])
-    pooled = frame.groupby(["method", "copy"], sort=False).agg(
-        weighted=("weighted", "sum"),
-        n_tokens=("n_tokens", "sum"),
-        peak_memory_gib=("peak_memory_gib", "max"),
-        seconds=("seconds", "sum"),
-    )
-    pooled["ppl"] = np.exp(pooled["weighted"] / pooled["n_tokens"])
-    pooled["ms_per_token"] = 1000 * pooled["seconds"] / pooled["n_tokens"]
-    return pooled.drop(columns=["weighted", "seconds"]).reset_index()
+    """Perplexity and peak memory per copy of the corpus: buckets pooled by their tokens, with the bootstrap
+    interval over the copy's buckets (``ppl_low``, ``ppl_high``, ``n_buckets``); memory the max."""
+    frame = frame.assign(copy=frame["start"] // copy_length)
+    rows = []
+    for (method, copy), buckets in frame.groupby(["method", "copy"], sort=False):
+        ppl, low, high, n = perplexity_interval(buckets["nll"], buckets["n_tokens"])
+        tokens = int(buckets["n_tokens"].sum())
+        rows.append(
+            {
+                "method": method,
+                "copy": copy,
+                "n_tokens": tokens,
+                "peak_memory_gib": buckets["peak_memory_gib"].max(),
+                "ppl": ppl,
+                "ppl_low": low,
+                "ppl_high": high,
+                "n_buckets": n,
+                "ms_per_token": 1000 * buckets["seconds"].sum() / tokens,
+            }
+        )
+    return pd.DataFrame(rows)
 
 
 def run(argv: list[str] | None = None) -> pd.DataFrame:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -220,3 +221,26 @@ def test_run_all_records_timings_where_the_scripts_write(argv):
 
     settings = common.parse("any", "", None, argv, reuse_memory=False)
     assert run_all._figure_folder(argv) == settings.out
+
+
+def test_streaming_copies_pool_their_buckets_with_an_interval():
+    import pandas as pd
+    from streaming_1m import copies
+
+    # two copies of 20 tokens in 10-token buckets: the first scores 1 and 3 nats, the second 2 and 2
+    frame = pd.DataFrame(
+        {
+            "method": ["m"] * 4,
+            "start": [0, 10, 20, 30],
+            "nll": [1.0, 3.0, 2.0, 2.0],
+            "n_tokens": [10, 10, 10, 10],
+            "peak_memory_gib": [1.0, 1.5, 1.2, 1.1],
+            "seconds": [0.1, 0.1, 0.2, 0.2],
+        }
+    )
+    table = copies(frame, 20).set_index("copy")
+    assert table["ppl"].tolist() == pytest.approx([math.e**2, math.e**2])
+    assert table.loc[0, "ppl_low"] == pytest.approx(math.e) and table.loc[0, "ppl_high"] > math.e**2.5
+    assert (table.loc[1, "ppl_low"], table.loc[1, "ppl_high"]) == pytest.approx((math.e**2, math.e**2))
+    assert table["n_buckets"].tolist() == [2, 2] and table["peak_memory_gib"].tolist() == [1.5, 1.2]
+    assert table["ms_per_token"].tolist() == pytest.approx([10.0, 20.0])

@@ -11,11 +11,14 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
+from pandas.testing import assert_frame_equal
 
 import oodlens
 from oodlens import compare, plotting, probe
+from oodlens.capture import FACTOR_NUMBERS
 from oodlens.display import format_number
 from oodlens.errors import OodlensError
 from oodlens.evaluate import PerplexityResult
@@ -127,6 +130,34 @@ def test_collect_gives_one_tidy_table(runs):
     assert set(passkey["method"]) == {"vanilla", "lm-infinite", "vanilla-truncated"}
     assert set(passkey["n"]) == {2}
     assert {"max_logit_beyond", "rouge_l@120", "bleu@120"} <= set(table["metric"])
+
+
+def test_the_factors_carry_the_windows_of_their_capture_everywhere(runs, tmp_path):
+    # the diagnosis is one capture pooled over both windows: n = 2 and no interval, in the summary, in the
+    # report's comparison table and in a collected table alike
+    folder = runs / "len192"
+    summary = read_summary(folder)
+    vanilla = summary["methods"]["vanilla"]
+    factors = vanilla["intervals"]["diagnosis"]
+    assert set(factors) == set(FACTOR_NUMBERS) and "diagnosis" not in summary["methods"]["vanilla-truncated"]
+    for key, estimate in factors.items():
+        assert estimate["value"] == pytest.approx(vanilla["diagnosis"][key])
+        assert (estimate["n"], estimate["low"], estimate["high"]) == (2, None, None)
+        assert estimate["method"] == "pooled-windows"
+    comparison = pd.read_csv(folder / "tables" / "comparison.csv")
+    row = comparison[(comparison.method == "vanilla") & (comparison.metric == "max logit beyond")].iloc[0]
+    assert row["value"] == pytest.approx(vanilla["diagnosis"]["max_logit_beyond"]) and row["n"] == 2
+    table = oodlens.collect(folder).set_index(["method", "metric"])
+    assert table.loc[("lm-infinite", "entropy_beyond"), "n"] == 2
+    # a summary written before the factors carried their n collects to the same rows
+    older = tmp_path / "older"
+    shutil.copytree(folder, older)
+    for block in summary["methods"].values():
+        block["intervals"].pop("diagnosis", None)
+    (older / "summary.json").write_text(json.dumps(summary))
+    assert_frame_equal(
+        oodlens.collect(older).drop(columns="run"), oodlens.collect(folder).drop(columns="run")
+    )
 
 
 def test_a_damaged_or_unfinished_folder_is_named_and_nothing_is_lost(runs, tmp_path):

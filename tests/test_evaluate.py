@@ -29,6 +29,7 @@ from oodlens.policies import (
     vanilla,
     window,
 )
+from oodlens.stats import perplexity_interval
 from oodlens.tiny import TINY_SLIDING_WINDOW, TINY_TRAIN_LENGTH, tiny_model
 
 STREAM_POLICY = lm_infinite(n_global=3, n_local=20, distance_limit=16)
@@ -556,6 +557,26 @@ def test_streaming_keeps_each_buckets_peak_memory_and_time(llama):
     assert np.isfinite(result.peak_memory_gib).all() and (result.peak_memory_gib > 0.5 * resident).all()
     assert (result.bucket_seconds > 0).all() and result.bucket_seconds.sum() <= result.seconds
     assert [row["peak_memory_gib"] for row in result.summary()["buckets"]] == frame.peak_memory_gib.tolist()
+
+
+def test_a_streams_interval_resamples_its_buckets_whole():
+    def stream(nll_sum: list[float], n_scored: list[int]) -> evaluate.StreamingResult:
+        ones = np.ones(len(nll_sum))
+        return evaluate.StreamingResult(
+            "m", 10, np.array(nll_sum), np.array(n_scored), 10 * len(nll_sum), 1.0, 5, ones, ones
+        )
+
+    # every bucket scores 2 nats a token: the interval is the point, whatever the bucket sizes
+    flat = stream([20.0, 0.0, 18.0, 20.0], [10, 0, 9, 10]).estimate()
+    assert (flat.value, flat.low, flat.high) == pytest.approx((math.e**2,) * 3)
+    assert (flat.n, flat.method) == (3, "bootstrap-buckets")  # the empty bucket is no sample
+    # buckets that differ: weighed by their tokens, as windows are
+    varied = stream([10.0, 30.0, 9.0, 25.0], [10, 10, 9, 10])
+    estimate = varied.estimate()
+    by_hand = perplexity_interval(np.array([1.0, 3.0, 1.0, 2.5]), np.array([10, 10, 9, 10]))
+    assert (estimate.value, estimate.low, estimate.high, estimate.n) == pytest.approx(by_hand)
+    assert estimate.value == pytest.approx(varied.ppl()) and estimate.low < estimate.value < estimate.high
+    assert varied.summary()["intervals"]["ppl"] == estimate.to_dict()
 
 
 def test_device_peak_sees_an_allocation_made_after_the_reset():

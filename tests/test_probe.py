@@ -9,6 +9,7 @@ import matplotlib.image
 import pandas as pd
 import pytest
 
+import oodlens
 from oodlens import errors as probe_errors
 from oodlens import probe
 from oodlens.evaluate import budget
@@ -49,7 +50,14 @@ def test_summary_schema(probe_folder):
         for key in ("max_logit_within", "max_logit_beyond", "entropy_within", "entropy_beyond"):
             assert isinstance(block["diagnosis"][key], float)
         assert set(block["passkey"]) == {"400"}
-    assert summary["streaming"]["n_tokens"] == 300
+    stream = summary["streaming"]
+    assert stream["n_tokens"] == 300
+    interval = stream["intervals"]["ppl"]
+    assert interval["n"] == len(stream["buckets"]) and interval["method"] == "bootstrap-buckets"
+    assert interval["n"] == 1 and interval["low"] is None  # 300 tokens fill one bucket: no interval
+    row = oodlens.collect(probe_folder).query("metric == 'stream_ppl@300'").iloc[0]
+    assert (row["method"], row["n"]) == (stream["method"], interval["n"])
+    assert row["value"] == pytest.approx(stream["ppl"])
 
 
 def test_figures_are_real_images(probe_folder):

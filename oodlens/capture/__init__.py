@@ -12,13 +12,14 @@ manager around forwards you run yourself).
 
 from ..models.anatomy import decoder_layers
 from .config import CaptureConfig, CaptureGeometry, resolve_geometry
-from .diagnosis import TABLE_COLUMNS, TABLE_KINDS, Diagnosis
+from .diagnosis import FACTOR_NUMBERS, TABLE_COLUMNS, TABLE_KINDS, Diagnosis, factor_estimates
 from .hidden import HiddenStateObserver
 from .logits import LogitObserver
 from .position_probe import position_probe
 from .session import CaptureSession, capture, diagnose
 
 __all__ = [
+    "FACTOR_NUMBERS",
     "TABLE_COLUMNS",
     "TABLE_KINDS",
     "CaptureConfig",
@@ -30,6 +31,7 @@ __all__ = [
     "capture",
     "decoder_layers",
     "diagnose",
+    "factor_estimates",
     "position_probe",
     "resolve_geometry",
 ]

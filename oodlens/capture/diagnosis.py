@@ -14,6 +14,7 @@ import pandas as pd
 
 from ..display import Displayed
 from ..errors import OodlensError, first_line
+from ..stats import Estimate
 from ..storage import json_ready, recover, write_folder
 
 FORMAT_VERSION = 1
@@ -22,6 +23,15 @@ HEADLINE_NUMBERS = (
     "max_logit_beyond",
     "entropy_late_within",
     "entropy_beyond",
+    "sink_mass_beyond",
+)
+# the factors that summaries, comparisons and collected tables carry with their n (beyond L, within for scale)
+FACTOR_NUMBERS = (
+    "max_logit_within",
+    "max_logit_beyond",
+    "entropy_late_within",
+    "entropy_beyond",
+    "sink_mass_within",
     "sink_mass_beyond",
 )
 HEADER_FILE = "diagnosis.json"
@@ -167,6 +177,10 @@ class Diagnosis(Displayed):
             result[f"probe_layer{row.layer}_{row.target}_{row.metric}"] = float(row.score)
         return result
 
+    def estimates(self) -> dict[str, Estimate]:
+        """The :data:`FACTOR_NUMBERS` of :meth:`summary` with their n (:func:`factor_estimates`)."""
+        return factor_estimates(self.summary(), int(self.meta["n_windows"]))
+
     def save(self, path: str | os.PathLike, overwrite: bool = True) -> Path:
         """Write a folder: one Parquet file per table, ``hidden_samples.npz``, ``diagnosis.json``.
 
@@ -237,6 +251,17 @@ class Diagnosis(Displayed):
         except Exception as error:  # zip, pickle and key errors of a damaged .npz
             raise OodlensError(f"{damaged}: {SAMPLES_FILE} is unreadable ({first_line(error)})") from error
         return cls(meta, tables, samples)
+
+
+def factor_estimates(numbers: dict[str, Any], n_windows: int) -> dict[str, Estimate]:
+    """The :data:`FACTOR_NUMBERS` among ``numbers`` (a :meth:`Diagnosis.summary`) as estimates of one capture
+    pooled over ``n_windows`` windows: maxima and query-weighted means over all their queries, so n counts the
+    windows and no interval is given (method ``pooled-windows``)."""
+    return {
+        key: Estimate(_nan_if_empty(numbers[key]), math.nan, math.nan, n_windows, "pooled-windows")
+        for key in FACTOR_NUMBERS
+        if key in numbers
+    }
 
 
 def _nan_if_empty(value: Any) -> float:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -20,6 +20,7 @@ from ..errors import OodlensError
 from ..memory import device_peak_gib, reset_device_peak
 from ..models import train_length_of
 from ..policies import Policy, PolicyHandle, apply_policy
+from ..stats import Estimate
 from .scoring import (
     cache_kwargs,
     finite_or_none,
@@ -119,6 +120,16 @@ class StreamingResult(Displayed):
         """Perplexity over the whole stream."""
         return perplexity_of(self.nll_sum.sum() / self.n_scored.sum()) if self.n_scored.sum() else math.nan
 
+    def estimate(self) -> Estimate:
+        """The stream's perplexity with a block-bootstrap interval: its buckets (contiguous ``bucket``
+        tokens) resampled whole and weighed by their tokens, as windows are
+        (:func:`~oodlens.stats.perplexity_interval`). Buckets of one stream are treated as exchangeable,
+        so the interval measures how much the stream's parts differ, not how another text would score."""
+        scored = self.n_scored > 0
+        means = self.nll_sum[scored] / self.n_scored[scored]
+        estimate = Estimate.perplexity(means, self.n_scored[scored])
+        return replace(estimate, method="bootstrap-buckets")
+
     def to_dataframe(self) -> pd.DataFrame:
         rows = []
         buckets = zip(self.nll_sum, self.n_scored, self.peak_memory_gib, self.bucket_seconds, strict=True)
@@ -141,8 +152,9 @@ class StreamingResult(Displayed):
         return pd.DataFrame(rows, columns=columns)
 
     def summary(self) -> dict[str, Any]:
-        """``{method, n_tokens, bucket, ppl, tokens_per_s, peak_cache_tokens,
-        buckets: [{start, end, ppl, peak_memory_gib}]}``; non-finite numbers are ``None``."""
+        """``{method, n_tokens, bucket, ppl, intervals: {ppl: ESTIMATE}, tokens_per_s, peak_cache_tokens,
+        buckets: [{start, end, ppl, peak_memory_gib}]}`` (the interval from :meth:`estimate`); non-finite
+        numbers are ``None``."""
         buckets = [
             {
                 "start": int(row.start),
@@ -157,6 +169,7 @@ class StreamingResult(Displayed):
             "n_tokens": self.n_tokens,
             "bucket": self.bucket,
             "ppl": finite_or_none(self.ppl()),
+            "intervals": {"ppl": self.estimate().to_dict()},
             "tokens_per_s": finite_or_none(self.tokens_per_s),
             "peak_cache_tokens": self.peak_cache_tokens,
             "buckets": buckets,

@@ -20,21 +20,13 @@ from typing import Any, Literal
 import jsonschema
 import pandas as pd
 
+from ..capture import factor_estimates
 from ..errors import OodlensError
 from ..storage import folder_kind, json_ready
 from .config import ProbeConfig
 from .report import REPORT_KIND
 
 SCHEMA_PATH = Path(__file__).with_name("summary.schema.json")
-# the per-method diagnosis numbers a collected table keeps (the three factors beyond L, and within for scale)
-DIAGNOSIS_METRICS = (
-    "max_logit_within",
-    "max_logit_beyond",
-    "entropy_late_within",
-    "entropy_beyond",
-    "sink_mass_within",
-    "sink_mass_beyond",
-)
 COLUMNS = ["run", "model", "length", "train_length", "method", "metric", "value", "low", "high", "n"]
 
 
@@ -84,8 +76,8 @@ def collect(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
 
     ``paths``: folders, or glob patterns (``"runs/*"``). Metrics: ``ppl_within_train_length``,
     ``ppl_beyond_train_length``, ``passkey@<length>``, ``<task>@<length>``, ``bleu@<milestone>``,
-    ``rouge_l@<milestone>`` and the factors of the diagnosis (``max_logit_beyond``, …: n is the number of
-    windows, no interval).
+    ``rouge_l@<milestone>``, the factors of the diagnosis (``max_logit_beyond``, …: n is the number of
+    windows, no interval) and ``stream_ppl@<tokens>`` of a streamed run (interval over its buckets).
 
     Raises:
         OodlensError: no folder matched, or one of them is not a finished, valid report (named).
@@ -170,11 +162,17 @@ def _rows(folder: Path, summary: dict[str, Any]) -> list[dict[str, Any]]:
         for milestone, scores in intervals.get("generation", {}).items():
             for score, estimate in scores.items():
                 rows.append(_row(run, method, f"{score}@{milestone}", estimate))
-        diagnosis = block.get("diagnosis", {})
-        for metric in DIAGNOSIS_METRICS:
-            if metric in diagnosis:
-                value = {"value": diagnosis[metric], "n": summary["n_windows"]}
-                rows.append(_row(run, method, metric, value))
+        # summaries written before the factors carried their n get the same estimates from their numbers
+        factors = intervals.get("diagnosis") or {
+            key: estimate.to_dict()
+            for key, estimate in factor_estimates(block.get("diagnosis", {}), summary["n_windows"]).items()
+        }
+        for metric, estimate in factors.items():
+            rows.append(_row(run, method, metric, estimate))
+    stream = summary.get("streaming")
+    if stream:  # summaries written before the stream carried its interval give its value alone
+        estimate = stream.get("intervals", {}).get("ppl")
+        rows.append(_row(run, stream["method"], f"stream_ppl@{stream['n_tokens']}", estimate, stream["ppl"]))
     return rows
 
 

@@ -92,7 +92,8 @@ def _tables(result: ProbeResult) -> dict[str, pd.DataFrame]:
 def comparison_frame(result: ProbeResult) -> pd.DataFrame:
     """Tidy ``[method, metric, value, low, high, n]`` of the headline numbers, for the comparison figure and
     table: perplexities with their bootstrap interval over windows, passkey accuracies with their Wilson
-    interval over prompts; the diagnosis' factors come from one capture (no interval, n = 1)."""
+    interval over prompts; the diagnosis' factors come from one capture pooled over the windows (n windows, no
+    interval)."""
     rows = []
     for method, block in result.summary()["methods"].items():
         if "skipped" in block:
@@ -103,10 +104,10 @@ def comparison_frame(result: ProbeResult) -> pd.DataFrame:
             ("ppl_within_train_length", "ppl within train length"),
         ):
             rows.append(_estimate_row(method, label, intervals[key]))
-        diagnosis = block.get("diagnosis", {})
+        factors = intervals.get("diagnosis", {})
         for key, label in (("max_logit_beyond", "max logit beyond"), ("entropy_beyond", "entropy beyond")):
-            if key in diagnosis:
-                rows.append((method, label, diagnosis[key], None, None, 1))
+            if key in factors:
+                rows.append(_estimate_row(method, label, factors[key]))
         for length, estimate in intervals.get("passkey", {}).items():
             rows.append(_estimate_row(method, f"passkey accuracy @ {length}", estimate))
     frame = pd.DataFrame(rows, columns=["method", "metric", "value", "low", "high", "n"])
@@ -224,7 +225,8 @@ def figure_captions(result: ProbeResult) -> dict[str, str]:
         stream = result.streaming
         captions["streaming_perplexity"] = (
             f"Streaming perplexity of {stream.method} through its bounded cache over "
-            f"{stream.n_tokens:,} tokens: {format_number(stream.ppl())} overall, "
+            f"{stream.n_tokens:,} tokens: {estimate_text(stream.estimate().to_dict())} overall (interval "
+            f"over its {stream.bucket:,}-token buckets), "
             f"at most {stream.peak_cache_tokens:,} keys held per layer."
         )
     return captions
@@ -259,7 +261,9 @@ def render_markdown(result: ProbeResult, summary: dict, figures: list[Path], roo
         "## Numbers",
         "",
         "Perplexity and BLEU / ROUGE-L with their 95 % bootstrap interval over windows (none from one "
-        "window), passkey with its 95 % Wilson interval over prompts; logits and entropies from one capture.",
+        f"window), passkey with its 95 % Wilson interval over prompts; logits and entropies from one "
+        f"capture pooled over the {summary['n_windows']} window(s) (maxima and means over all their queries, "
+        "no interval).",
         "",
         "| method | ppl ≤ train | ppl > train | max logit ≤ train | max logit > train | entropy ≤ train "
         "| entropy > train | passkey (correct/n) | BLEU / ROUGE-L |",

@@ -81,6 +81,8 @@ class ProbeResult(Displayed):
         intervals: dict[str, Any] = dict(ppl.get("intervals", {}))
         if method in self.diagnoses:
             block["diagnosis"] = json_ready(self.diagnoses[method].summary())
+            estimates = self.diagnoses[method].estimates()
+            intervals["diagnosis"] = {key: estimate.to_dict() for key, estimate in estimates.items()}
             block["theory"] = json_ready(self.theory[method].summary())
         if self.passkey is not None:
             block["passkey"] = self.passkey.summary().get(method, {})
