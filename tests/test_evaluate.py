@@ -225,6 +225,54 @@ def test_a_shared_prefix_is_computed_once_per_window(llama):
     assert counted[True] == train + 2 * (length - train) + (train + 36)
 
 
+def test_a_method_that_cannot_share_runs_alone_and_the_others_still_share(llama):
+    length, train = 100, TINY_TRAIN_LENGTH
+    ids = _ids((1, length))
+    rescaled = policy_by_name("pi", target_length=2 * length)  # differs from vanilla from the first token
+    assert rescaled.vanilla_prefix(train) == 0
+    policies = [vanilla(), lm_infinite(), rescaled]
+    counted, results = {}, {}
+    for share in (True, False):
+        counter = _TokenCounter(llama.model)
+        try:
+            results[share] = evaluate.perplexity_by_position(
+                llama.model, ids, policies, train_length=train, share_prefix=share, progress=False
+            )
+        finally:
+            counter.remove()
+        counted[share] = counter.tokens
+    # 64 tokens once for vanilla, LM-Infinite and the baseline's first piece; PI from its first token
+    assert counted[True] == train + 2 * (length - train) + length + (train + 36)
+    assert counted[False] == 3 * length + (train + train + 36)
+    for method, nll in results[False].token_nll.items():
+        np.testing.assert_allclose(results[True].token_nll[method], nll, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize(
+    "reaches, held, expected",
+    [
+        ([EVERY_KEY, 64, 0], 0, 64),  # vanilla and a window share 64; the rescaled method runs alone
+        ([EVERY_KEY, 64, 64, 20, 10, 0], 0, 64),  # 64 x 3 methods beats 20 x 4 and 10 x 5
+        ([EVERY_KEY], 0, 0),  # alone, with nothing run yet: nothing to share
+        ([EVERY_KEY], 30, 99),  # alone, with 30 tokens already run: continue from them, extended
+        ([EVERY_KEY, 20, 20], 99, 99),  # holding 99: vanilla saves 99, cutting to 20 saves 3 x 20 - 20
+        ([EVERY_KEY] + [20] * 6, 99, 20),  # 7 x 20 - 20 (run again) beats 99
+        ([0, 0], 0, 0),
+    ],
+)
+def test_the_shared_prefix_is_the_length_that_saves_the_most(reaches, held, expected):
+    methods = [evaluate.scoring.Method(f"m{i}", _reaching(reach)) for i, reach in enumerate(reaches)]
+    assert evaluate.prefix.shared_length(methods, TINY_TRAIN_LENGTH, 99, held) == expected
+
+
+def _reaching(reach: int):
+    policy = vanilla() if reach == EVERY_KEY else dataclasses.replace(window(reach), name=f"w{reach}")
+    if reach == 0:
+        policy = policy_by_name("pi", target_length=200)
+    assert policy.vanilla_prefix(TINY_TRAIN_LENGTH) == reach
+    return policy
+
+
 def test_passkey_prompts_of_one_length_run_their_common_filler_once_per_method(llama):
     """Each method's trunk grows from needle to needle: the filler before the deepest needle runs once, and
     each prompt only from its needle on (one new token: the prompt's own forward and nothing more)."""

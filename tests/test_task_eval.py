@@ -10,12 +10,13 @@ import torch
 from oodlens import probe, tasks
 from oodlens.evaluate import TRUNCATED_BASELINE, TaskResult, generate_greedy, task_accuracy
 from oodlens.evaluate.scoring import new_cache
-from oodlens.policies import apply_policy, lm_infinite, vanilla
+from oodlens.policies import apply_policy, lm_infinite, policy_by_name, vanilla
 from oodlens.probe.collect import validate_summary
 from oodlens.stats import Estimate
 from oodlens.tiny import byte_tokenizer, tiny_model
 
 LENGTH = 2000  # every task used here fits 2,000 bytes of the byte tokenizer
+RESCALED = policy_by_name("yarn", target_length=LENGTH)
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def result():
     outcome = task_accuracy(
         model,
         byte_tokenizer(),
-        [vanilla(), lm_infinite()],
+        [vanilla(), lm_infinite(), RESCALED],  # RESCALED differs from vanilla from the first token
         ["niah_single", "vt"],
         lengths=[LENGTH],
         n_samples=3,
@@ -38,13 +39,14 @@ def test_every_answer_is_the_greedy_answer_to_its_own_prompt(result):
     model, outcome = result
     tokenizer = byte_tokenizer()
     rows = outcome.to_dataframe()
-    assert len(rows) == 2 * 3 * 3  # tasks × samples × (two methods and the baseline)
+    assert len(rows) == 2 * 3 * 4  # tasks × samples × (three methods and the baseline)
     for task in ("niah_single", "vt"):
         for sample in tasks.generate(task, tokenizer, LENGTH, 3, 5):
             prompt = torch.tensor(sample.input_ids)
             cases = [
                 ("vanilla", vanilla(), prompt),
                 ("lm-infinite", lm_infinite(), prompt),
+                ("yarn", RESCALED, prompt),  # runs alone while the other two share the haystack
                 (TRUNCATED_BASELINE, vanilla(), prompt[-64:]),  # the last L tokens, question included
             ]
             for name, policy, ids in cases:

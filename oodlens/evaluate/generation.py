@@ -20,7 +20,7 @@ from ..errors import OodlensError
 from ..models import train_length_of
 from ..policies import Policy, PolicyHandle, apply_policy, vanilla
 from ..stats import Estimate
-from .prefix import SharedPrefix, Trunks
+from .prefix import SharedPrefix, Trunks, continues_prefix, shared_length
 from .scoring import (
     Method,
     cache_kwargs,
@@ -96,9 +96,11 @@ def greedy_jobs(
 ) -> list[torch.LongTensor]:
     """The greedy answer to each ``(method, prompt)`` job, memoised in ``answers`` (see :func:`_answer_key`).
 
-    With a ``prefix``, the jobs to run whose prompts begin ``text [T]`` first share its longest start on which
-    they all attend as vanilla (``prefix`` is extended to it, or restarted if it holds more). With ``trunks =
-    (trunks, n)`` instead, each such job continues from its own policy's trunk holding ``text[:n]``.
+    With a ``prefix``, the jobs to run whose prompts begin ``text [T]`` share the start of it that saves the
+    most (:func:`~.prefix.shared_length`, counting what ``prefix`` already holds; it is extended to that
+    start, or restarted if it holds more); jobs that do not attend as vanilla over it run alone. With
+    ``trunks = (trunks, n)`` instead, each such job continues from its own policy's trunk holding
+    ``text[:n]``.
     """
     keys = [_answer_key(method.policy, ids, max_new_tokens, train_length) for method, ids in jobs]
     todo: dict[tuple, tuple[Method, torch.LongTensor]] = {}
@@ -112,13 +114,13 @@ def greedy_jobs(
         return _trunk_jobs(model, todo, keys, text, trunks, settings, answers)
     starts = [(method, ids) for method, ids in todo.values() if torch.equal(ids, text[: ids.numel()])]
     if prefix is not None and starts:
-        vanilla_until = [
-            min(method.policy.vanilla_prefix(train_length), ids.numel() - 1) for method, ids in starts
-        ]
-        prefix.reach(text, min(vanilla_until))
+        limit = min(ids.numel() for _, ids in starts) - 1
+        held = prefix.length if torch.equal(text[: prefix.length], prefix.ids) else 0
+        prefix.reach(text, shared_length([method for method, _ in starts], train_length, limit, held))
     for key, (method, ids) in todo.items():
+        own = prefix if prefix is not None and continues_prefix(method, train_length, prefix.length) else None
         with apply_policy(model, method.policy, train_length=train_length) as handle:
-            answers[key] = greedy(model, handle, ids, max_new_tokens, pad_token_id, prefix)
+            answers[key] = greedy(model, handle, ids, max_new_tokens, pad_token_id, own)
     return [answers[key] for key in keys]
 
 

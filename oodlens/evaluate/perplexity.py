@@ -18,7 +18,7 @@ from ..errors import OodlensError
 from ..models import train_length_of
 from ..policies import Policy, apply_policy
 from ..stats import Estimate
-from .prefix import SharedPrefix, continued_nll, shared_length
+from .prefix import SharedPrefix, continued_nll, continues_prefix, shared_length
 from .scoring import (
     DEFAULT_CHUNK,
     bucket_ranges,
@@ -209,7 +209,9 @@ def perplexity_by_position(
     ``share_prefix``: every method attends as vanilla does below its window (for the usual methods, the
     first ``train_length`` tokens), so with several methods that part of each window runs once,
     under vanilla, and each method continues from a copy of its key/value cache (the baseline reuses it as its
-    first piece). The scores are those of one forward per method up to float rounding; the cost is the cache
+    first piece); methods that attend otherwise from an earlier token (rescaled RoPE, Self-Extend's groups)
+    run alone, and the prefix's length is the one that saves the most (:func:`~.prefix.shared_length`). The
+    scores are those of one forward per method up to float rounding; the cost is the cache
     of the shared tokens and of each method's continuation. ``False`` runs every method from the first token
     without a cache.
     """
@@ -236,7 +238,8 @@ def perplexity_by_position(
                     if method.truncated:
                         nll = truncated_nll(model, ids, train_length, chunk, prefix_nll)
                     else:
-                        nll = continued_nll(model, handle, ids, prefix, prefix_nll, chunk)
+                        own = prefix if continues_prefix(method, train_length, shared) else None
+                        nll = continued_nll(model, handle, ids, own, prefix_nll, chunk)
                     per_window[method.name].append(nll)
                 bar.update()
     window_nll = {name: torch.stack(rows).numpy() for name, rows in per_window.items()}

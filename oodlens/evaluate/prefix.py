@@ -101,26 +101,46 @@ class Trunks:
         return trunk
 
 
-def shared_length(methods: Sequence[Method], train_length: int, limit: int) -> int:
-    """Leading tokens on which every method attends as vanilla does (at most ``limit``); 0 for a single
-    method, which has nobody to share with."""
-    if len(methods) < 2:
-        return 0
-    return min([method.policy.vanilla_prefix(train_length) for method in methods] + [limit])
+def shared_length(methods: Sequence[Method], train_length: int, limit: int, held: int = 0) -> int:
+    """How many leading tokens of a sequence to run once, under vanilla, for ``methods``: of the lengths on
+    which some of them attend as vanilla (at most ``limit``), the one that saves the most tokens. Each method
+    that :func:`continues_prefix` skips the length; running it costs what the prefix does not hold yet
+    (``held`` tokens of the same text already run; a shorter prefix is run again). 0 when sharing saves
+    nothing, e.g. for a single method and an empty prefix. The truncated baseline gains at most its first
+    piece of ``train_length`` tokens. Methods that attend otherwise (rescaled RoPE) run from their first
+    token and leave the others' sharing intact."""
+    best, most_saved = 0, 0
+    reaches = sorted((_reach(method, train_length, limit) for method in methods), reverse=True)
+    for sharing, reach in enumerate(reaches, start=1):
+        cost = reach - held if reach >= held else reach
+        if reach * sharing - cost > most_saved:
+            best, most_saved = reach, reach * sharing - cost
+    return best
+
+
+def continues_prefix(method: Method, train_length: int, prefix_length: int) -> bool:
+    """Whether ``method`` attends as vanilla over a shared prefix of ``prefix_length`` tokens, so it may
+    continue from it (the others run from their first token)."""
+    return method.policy.vanilla_prefix(train_length) >= prefix_length
+
+
+def _reach(method: Method, train_length: int, limit: int) -> int:
+    reach = min(method.policy.vanilla_prefix(train_length), limit)
+    return min(reach, train_length) if method.truncated else reach
 
 
 def continued_nll(
     model: PreTrainedModel,
     handle: PolicyHandle,
     ids: torch.LongTensor,
-    prefix: SharedPrefix,
+    prefix: SharedPrefix | None,
     prefix_nll: torch.Tensor,
     chunk: int,
 ) -> torch.Tensor:
     """Per-position NLL ``[T]`` of ``ids`` under the applied policy: the shared prefix's scores
     ``prefix_nll``, then one forward over the rest from a copy of the prefix's cache (one forward over all
-    when ``ids`` does not continue the prefix)."""
-    if not prefix.begins(ids):
+    when ``ids`` does not continue the prefix, or there is none)."""
+    if prefix is None or not prefix.begins(ids):
         return sequence_nll(model, ids, chunk)
     rest = ids[prefix.length :].to(model.get_output_embeddings().weight.device)
     cache = prefix.cache_for(handle)

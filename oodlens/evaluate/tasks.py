@@ -25,7 +25,7 @@ from ..policies import Policy
 from ..stats import Estimate
 from ..tasks import generate, score
 from .generation import answer_prompt
-from .prefix import SharedPrefix
+from .prefix import SharedPrefix, shared_length
 from .scoring import inference, methods_of, progress_bar
 
 DEFAULT_TASKS = ("niah_single", "niah_multikey", "variable_tracking", "common_words", "frequent_words")
@@ -118,7 +118,8 @@ def task_accuracy(
     if not tasks or not lengths:
         raise OodlensError("task_accuracy needs at least one task and one length")
     methods = methods_of(policies, truncated_baseline)
-    vanilla_until = min(method.policy.vanilla_prefix(train_length) for method in methods)
+    # the truncated baseline's prompt begins with the haystack only when nothing is cut (it is vanilla then)
+    continuing = [method for method in methods if not method.truncated]
     prompts = {
         (task, length): generate(task, tokenizer, length, n_samples, seed, corpus)
         for task in tasks
@@ -134,7 +135,10 @@ def task_accuracy(
                 full = torch.tensor(sample.input_ids, dtype=torch.long)
                 prefix = None
                 if share_prefix:
-                    shared = min(sample.shared_prefix_tokens, vanilla_until, full.numel() - 1)
+                    # the start most methods would continue from, were it already run (the rest run alone)
+                    limit = full.numel() - 1
+                    worth = shared_length(continuing, train_length, limit, held=limit)
+                    shared = min(sample.shared_prefix_tokens, worth)
                     if shared > 0:
                         base.reach(full, shared)
                     prefix = base.fork()
