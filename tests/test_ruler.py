@@ -173,7 +173,7 @@ PINNED = {
         1872,
         "6ec95ff6c9ae1cbb",
     ),
-    "variable_tracking": (["CSORQ", "ALGYJ", "CKJLE", "NWHNM", "PIBUV"], 1970, "47fcb73a6ec64eec"),
+    "variable_tracking": (["CSORQ", "ALGYJ", "CKJLE", "NWHNM", "PIBUV"], 1970, "e473ab5e11a8529b"),
     "common_words": (
         [
             "diaphragm",
@@ -190,7 +190,7 @@ PINNED = {
         1880,
         "6227b5a28c3059e5",
     ),
-    "frequent_words": (["kjyhas", "nxflum", "dwkmrh"], 1947, "b251629bec69a422"),
+    "frequent_words": (["rgdvmm", "dwkmrh", "mkwhbi"], 1947, "42e427af2d6dedf7"),
     "passkey": (["8669291"], 1981, "83ffbdaa324c528a"),
 }
 
@@ -342,6 +342,8 @@ def check_variable_tracking(sample):
 
     assert {name for name in bound if resolve(name) == value} == set(sample.answers)
     assert len(sample.answers) == 5 and sample.answer_prefix.endswith("they are: ")
+    # RULER's answer prefix word for word, its spelling included
+    assert f"5 variables are assgined the value {value}, they are: " in sample.answer_prefix
     # the in-context example answers its own chain
     example = sample.text.split("Memorize and track")[1]
     example_value = re.search(r"assigned the value (\d+) in the text above", example).group(1)
@@ -367,6 +369,13 @@ def check_frequent_words(sample):
     assert ranked[0][1] > ranked[1][1] > ranked[2][1] > ranked[3][1]
     assert noise > ranked[0][1]
     assert all(re.fullmatch(r"[a-z]{6}", word) for word in counts)
+
+
+def test_frequent_words_vocabulary_is_rulers_length_over_50():
+    # RULER: vocab_size = max_seq_length // 50, the generated tokens counted in the length
+    default = ruler.generate("frequent_words", BYTES, 2000, 1)[0].input_ids
+    assert ruler.generate("frequent_words", BYTES, 2000, 1, vocab_size=40)[0].input_ids == default
+    assert ruler.generate("frequent_words", BYTES, 2000, 1, vocab_size=39)[0].input_ids != default
 
 
 def test_frequent_words_answers_are_ranks_two_to_four():

@@ -210,14 +210,15 @@ def frequent_words(
 ) -> list[TaskSample]:
     """RULER fwe: random lowercase "coded" words whose counts follow Zipf's law (count of rank k
     ∝ k^-alpha); rank 1 is the noise word "..."; the answer is ranks 2-4. ``vocab_size`` defaults to RULER's
-    (length - tokens_to_generate) // 50, at least 8. ``depths`` is ignored."""
+    length // 50 (the whole length, generated tokens included, as RULER counts it), at least 8. ``depths`` is
+    ignored."""
     task = "frequent_words"
     length, n_samples, seed, ttg = check_common(task, length, n_samples, seed, tokens_to_generate)
     if not (isinstance(alpha, (int, float)) and alpha > 1):
         raise OodlensError(f"alpha must be a number > 1 (a Zipf exponent; RULER uses 2.0), got {alpha!r}")
     check_int("coded_wordlen", coded_wordlen, 1)
     budget = length - ttg
-    vocab_size = max(budget // 50, 8) if vocab_size is None else check_int("vocab_size", vocab_size, 5)
+    vocab_size = max(length // 50, 8) if vocab_size is None else check_int("vocab_size", vocab_size, 5)
     if vocab_size > 26**coded_wordlen // 2:
         raise OodlensError(f"vocab_size {vocab_size} is too large for {coded_wordlen}-letter words: lower it")
     encoder = Encoder(tokenizer)

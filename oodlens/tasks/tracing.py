@@ -1,7 +1,7 @@
 """RULER's multi-hop tracing task, variable tracking (vt): find every variable a chain of assignments reaches.
 
 Deviations from RULER, both deliberate: vt's hops carry no trailing space and its example's answers follow a
-single space."""
+single space. RULER's answer prefix is kept as it is spelled ("assgined"), so the prompts match its own."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ VT_HEAD = "Memorize and track the chain(s) of variable assignment hidden in the 
 VT_QUESTION = "\nQuestion: Find all variables that are assigned the value {value} in the text above."
 VT_ANSWER_PREFIX = (
     " Answer: According to the chain(s) of variable assignment in the text above, {n} variables are "
-    "assigned the value {value}, they are: "
+    "assgined the value {value}, they are: "
 )
 VT_EXAMPLE_TOKENS = 500  # RULER builds its in-context example at max_seq_length=500
 
