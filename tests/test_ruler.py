@@ -495,6 +495,16 @@ def test_string_match_all_and_part_by_hand():
         ruler.string_match_all("x", [])
 
 
+def test_a_score_is_settled_only_when_more_text_cannot_change_it():
+    assert ruler.settled("niah_single", " 7654321 and more", ["7654321"])
+    assert not ruler.settled("niah_multivalue", " 7654321", ["7654321", "1234567"])  # one of two so far
+    assert ruler.settled("vt", "abcde FGHIJ", ["ABCDE", "FGHIJ"])
+    assert not ruler.settled("common_words", "", ["apple"])
+    # passkey reads the first number, which the next token could still lengthen
+    assert ruler.score("passkey", "4723978", ["4723978"]) == 1.0
+    assert not ruler.settled("passkey", "4723978", ["4723978"])
+
+
 def test_score_uses_each_tasks_metric():
     assert ruler.score("niah_single", " 7654321.", ["7654321"]) == 1.0
     assert ruler.score("vt", "ABCDE FGHIJ", ["ABCDE", "FGHIJ", "KLMNO", "PQRST"]) == 0.5

@@ -9,6 +9,7 @@ import torch
 
 from oodlens import probe, tasks
 from oodlens.evaluate import TRUNCATED_BASELINE, TaskResult, generate_greedy, task_accuracy
+from oodlens.evaluate import tasks as task_eval
 from oodlens.evaluate.scoring import new_cache
 from oodlens.policies import apply_policy, lm_infinite, policy_by_name, vanilla
 from oodlens.probe.collect import validate_summary
@@ -35,6 +36,15 @@ def result():
     return model, outcome
 
 
+def settled_text(tokenizer, new_ids, task, answers) -> str:
+    """The full greedy answer cut after its first token whose text settles the score (by hand)."""
+    for end in range(1, new_ids.numel() + 1):
+        text = tokenizer.decode(new_ids[:end], skip_special_tokens=True)
+        if tasks.settled(task, text, answers):
+            return text
+    return tokenizer.decode(new_ids, skip_special_tokens=True)
+
+
 def test_every_answer_is_the_greedy_answer_to_its_own_prompt(result):
     model, outcome = result
     tokenizer = byte_tokenizer()
@@ -53,11 +63,44 @@ def test_every_answer_is_the_greedy_answer_to_its_own_prompt(result):
                 with apply_policy(model, policy) as handle, torch.no_grad():
                     cache = new_cache(model, handle)  # bounded for LM-Infinite, dynamic for vanilla
                     new = generate_greedy(model, ids, sample.max_new_tokens, cache=cache)
-                expected = tokenizer.decode(new, skip_special_tokens=True)
+                expected = settled_text(tokenizer, new, task, sample.answers)
                 row = rows[(rows.method == name) & (rows.task == task) & (rows["sample"] == sample.index)]
                 assert row["generated"].item() == expected  # shared prefixes change nothing
                 assert row["score"].item() == tasks.score(task, expected, sample.answers)
                 assert row["prompt_tokens"].item() == ids.numel()
+
+
+def test_an_answer_stops_where_its_score_settles(monkeypatch):
+    # pretend a score settles at three characters: every answer must be its full greedy answer cut there
+    model, tokenizer = tiny_model("llama").model, byte_tokenizer()
+    monkeypatch.setattr(task_eval, "settled", lambda task, prediction, answers: len(prediction) >= 3)
+    outcome = task_accuracy(
+        model, tokenizer, [vanilla(), lm_infinite()], ["niah_single"], lengths=[LENGTH], n_samples=2,
+        seed=5, progress=False,
+    )  # fmt: skip
+    rows = outcome.to_dataframe()
+    for sample in tasks.generate("niah_single", tokenizer, LENGTH, 2, 5):
+        prompt = torch.tensor(sample.input_ids)
+        with torch.no_grad():
+            full = generate_greedy(model, prompt, sample.max_new_tokens)
+        text = tokenizer.decode(full, skip_special_tokens=True)
+        assert len(text) > 3  # so that stopping at three characters is early
+        cut = next(
+            tokenizer.decode(full[:end], skip_special_tokens=True)
+            for end in range(1, full.numel() + 1)
+            if len(tokenizer.decode(full[:end], skip_special_tokens=True)) >= 3
+        )
+        row = rows[(rows.method == "vanilla") & (rows["sample"] == sample.index)]
+        assert row["generated"].item() == cut
+
+
+def test_generation_stops_once_until_holds():
+    model = tiny_model("llama").model
+    prompt = torch.arange(3, 40)
+    with torch.no_grad():
+        full = generate_greedy(model, prompt, 12)
+        early = generate_greedy(model, prompt, 12, until=lambda new_ids: new_ids.numel() >= 4)
+    assert full.numel() == 12 and torch.equal(early, full[:4])
 
 
 def test_accuracies_carry_a_wilson_or_a_bootstrap_interval():

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, StoppingCriteria, StoppingCriteriaList
 
 from ..data import passkey_prompt
 from ..display import Displayed
@@ -41,12 +41,14 @@ def generate_greedy(
     *,
     cache: Any = None,
     pad_token_id: int | None = None,
+    until: Callable[[torch.LongTensor], bool] | None = None,
 ) -> torch.LongTensor:
     """The ``≤ max_new_tokens`` ids ``model.generate`` picks greedily after ``prompt [T]``, decoding into
     ``cache`` (``None``: transformers' dynamic cache; a policy handle's ``new_cache()`` for constant memory),
-    with the cache keyword this transformers version accepts."""
+    with the cache keyword this transformers version accepts; it stops early once ``until(new ids)`` holds."""
     device = model.get_output_embeddings().weight.device
     ids = prompt.reshape(-1).to(device)[None]
+    stop = StoppingCriteriaList([_Until(until, ids.shape[1])]) if until is not None else None
     with inference(model), past_the_pretraining_length():
         output = model.generate(
             ids,
@@ -54,9 +56,21 @@ def generate_greedy(
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=pad_token_id,
+            stopping_criteria=stop,
             **(cache_kwargs(model, cache) if cache is not None else {}),
         )
     return output[0, ids.shape[1] :].cpu()
+
+
+class _Until(StoppingCriteria):
+    """Stops ``model.generate`` once ``until`` holds for the ids generated after ``prompt_length``."""
+
+    def __init__(self, until: Callable[[torch.LongTensor], bool], prompt_length: int):
+        self.until, self.prompt_length = until, prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        done = [self.until(row[self.prompt_length :].cpu()) for row in input_ids]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 def greedy(
@@ -66,12 +80,13 @@ def greedy(
     max_new_tokens: int,
     pad_token_id: int | None,
     prefix: SharedPrefix | None = None,
+    until: Callable[[torch.LongTensor], bool] | None = None,
 ) -> torch.LongTensor:
     """:func:`generate_greedy` under the applied policy, continuing from ``prefix`` when the prompt begins
     with it; windowed policies decode with the bounded cache, so memory stays flat however long the prompt."""
     continues = prefix is not None and prefix.begins(prompt)
     cache = prefix.cache_for(handle) if continues else new_cache(model, handle)
-    return generate_greedy(model, prompt, max_new_tokens, cache=cache, pad_token_id=pad_token_id)
+    return generate_greedy(model, prompt, max_new_tokens, cache=cache, pad_token_id=pad_token_id, until=until)
 
 
 def _answer_key(policy: Policy, prompt: torch.LongTensor, max_new_tokens: int, train_length: int) -> tuple:
@@ -93,8 +108,11 @@ def greedy_jobs(
     train_length: int,
     answers: dict[tuple, torch.LongTensor],
     trunks: tuple[Trunks, int] | None = None,
+    until: Callable[[torch.LongTensor], bool] | None = None,
 ) -> list[torch.LongTensor]:
-    """The greedy answer to each ``(method, prompt)`` job, memoised in ``answers`` (see :func:`_answer_key`).
+    """The greedy answer to each ``(method, prompt)`` job, memoised in ``answers`` (see :func:`_answer_key`;
+    the calls that share it pass the same ``until`` for a prompt), each stopping early once
+    ``until(new ids)`` holds.
 
     With a ``prefix``, the jobs to run whose prompts begin ``text [T]`` share the start of it that saves the
     most (:func:`~.prefix.shared_length`, counting what ``prefix`` already holds; it is extended to that
@@ -110,7 +128,7 @@ def greedy_jobs(
     if trunks is not None:
         if prefix is not None:
             raise OodlensError("greedy_jobs takes a shared prefix or trunks, not both")
-        settings = (max_new_tokens, pad_token_id, train_length)
+        settings = (max_new_tokens, pad_token_id, train_length, until)
         return _trunk_jobs(model, todo, keys, text, trunks, settings, answers)
     starts = [(method, ids) for method, ids in todo.values() if torch.equal(ids, text[: ids.numel()])]
     if prefix is not None and starts:
@@ -120,7 +138,7 @@ def greedy_jobs(
     for key, (method, ids) in todo.items():
         own = prefix if prefix is not None and continues_prefix(method, train_length, prefix.length) else None
         with apply_policy(model, method.policy, train_length=train_length) as handle:
-            answers[key] = greedy(model, handle, ids, max_new_tokens, pad_token_id, own)
+            answers[key] = greedy(model, handle, ids, max_new_tokens, pad_token_id, own, until)
     return [answers[key] for key in keys]
 
 
@@ -130,18 +148,18 @@ def _trunk_jobs(
     keys: list[tuple],
     text: torch.LongTensor,
     trunks: tuple[Trunks, int],
-    settings: tuple[int, int | None, int],
+    settings: tuple[int, int | None, int, Callable[[torch.LongTensor], bool] | None],
     answers: dict[tuple, torch.LongTensor],
 ) -> list[torch.LongTensor]:
     """:func:`greedy_jobs` with trunks: a job whose prompt begins ``text`` continues from the trunk of the
     policy it answers under (the key's), holding ``text[:n]``; ``settings``: max_new_tokens, pad_token_id,
-    train_length."""
-    (held, shared), (max_new_tokens, pad_token_id, train_length) = trunks, settings
+    train_length, until."""
+    (held, shared), (max_new_tokens, pad_token_id, train_length, until) = trunks, settings
     for key, (_, ids) in todo.items():
         begins = torch.equal(ids, text[: ids.numel()]) and shared < ids.numel()
         trunk = held.up_to(key[0], text, shared) if begins else None
         with apply_policy(model, key[0], train_length=train_length) as handle:
-            answers[key] = greedy(model, handle, ids, max_new_tokens, pad_token_id, trunk)
+            answers[key] = greedy(model, handle, ids, max_new_tokens, pad_token_id, trunk, until)
     return [answers[key] for key in keys]
 
 
@@ -155,16 +173,24 @@ def answer_prompt(
     train_length: int,
     answers: dict[tuple, torch.LongTensor],
     trunks: tuple[Trunks, int] | None = None,
+    settled: Callable[[str], bool] | None = None,
 ) -> list[tuple[Method, int, str]]:
     """Each method's greedy answer to ``prompt [T]`` as ``(method, prompt tokens it saw, text)``: the
     truncated baseline sees only the last ``train_length`` tokens (the question stays), every other method
-    all of them (see :func:`greedy_jobs` for ``prefix``, ``trunks`` and ``answers``)."""
+    all of them (see :func:`greedy_jobs` for ``prefix``, ``trunks`` and ``answers``). Each answer stops
+    early once ``settled(text so far)`` holds (a score that more text cannot change)."""
     jobs = [(method, prompt[-train_length:] if method.truncated else prompt) for method in methods]
     pad = pad_token_id_of(tokenizer)
-    outputs = greedy_jobs(model, jobs, prompt, prefix, max_new_tokens, pad, train_length, answers, trunks)
+
+    def text(new_ids: torch.LongTensor) -> str:
+        return tokenizer.decode(new_ids, skip_special_tokens=True)
+
+    until = (lambda new_ids: settled(text(new_ids))) if settled is not None else None
+    outputs = greedy_jobs(
+        model, jobs, prompt, prefix, max_new_tokens, pad, train_length, answers, trunks, until
+    )
     return [
-        (method, ids.numel(), tokenizer.decode(new_ids, skip_special_tokens=True))
-        for (method, ids), new_ids in zip(jobs, outputs, strict=True)
+        (method, ids.numel(), text(new_ids)) for (method, ids), new_ids in zip(jobs, outputs, strict=True)
     ]
 
 

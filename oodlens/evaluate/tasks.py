@@ -4,11 +4,14 @@ task's own metric, with the truncated baseline beside every method and an interv
 Prompts of one task and length come from :func:`oodlens.tasks.generate` (deterministic for a seed, sized with
 the model's tokenizer). The filler before a needle is the same for every prompt up to its depth, so prompts
 run in order of depth and the start they share (below the methods' window) runs once under vanilla; each
-prompt continues from its own copy (:meth:`SharedPrefix.fork`).
+prompt continues from its own copy (:meth:`SharedPrefix.fork`). An answer stops as soon as its score is
+final (:func:`oodlens.tasks.settled`: every reference answer found, which RULER's string match can only
+confirm); its ``generated`` text ends there, its score is the one the full ``tokens_to_generate`` would give.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +26,7 @@ from ..errors import OodlensError, check_count
 from ..models import train_length_of
 from ..policies import Policy
 from ..stats import Estimate
-from ..tasks import generate, score
+from ..tasks import generate, score, settled
 from .generation import answer_prompt
 from .prefix import SharedPrefix, shared_length
 from .scoring import inference, methods_of, progress_bar
@@ -142,8 +145,11 @@ def task_accuracy(
                     if shared > 0:
                         base.reach(full, shared)
                     prefix = base.fork()
+                # a full string-match score is final: generating on could not change it
+                final = functools.partial(settled, task, answers=sample.answers)
+                ttg = sample.max_new_tokens
                 replies = answer_prompt(
-                    model, tokenizer, methods, full, prefix, sample.max_new_tokens, train_length, answers
+                    model, tokenizer, methods, full, prefix, ttg, train_length, answers, settled=final
                 )
                 for method, seen, generated in replies:
                     result.rows.append(dict(

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import OodlensError
 from .aggregation import common_words, frequent_words
 from .retrieval import niah_essay, niah_multikey, niah_single, passkey
-from .sample import METRICS, TaskSample, metric
+from .sample import GROWING_METRICS, METRICS, TaskSample, metric
 from .tracing import variable_tracking
 
 if TYPE_CHECKING:
@@ -94,6 +94,14 @@ def generate(
 def score(task: str, prediction: str, answers: Sequence[str]) -> float:
     """Score one prediction with the metric RULER uses for ``task`` (LM-Infinite's for passkey)."""
     return METRICS[metric(_canonical(task)[0])](prediction, answers)
+
+
+def settled(task: str, prediction: str, answers: Sequence[str]) -> bool:
+    """Whether no further text can change ``prediction``'s score: RULER's string matches only count answers
+    found, so a full score is final (generation may stop there without changing any score). A passkey
+    answer is never settled early (its first number could still grow)."""
+    name = metric(_canonical(task)[0])
+    return name in GROWING_METRICS and METRICS[name](prediction, answers) == 1.0
 
 
 def _canonical(task: str) -> tuple[str, dict[str, Any]]:

@@ -73,6 +73,8 @@ METRICS: dict[str, Callable[[str, Sequence[str]], float]] = {
     "string_match_part": string_match_part,
     "passkey_match": passkey_match,
 }
+# the scorers whose score only grows as a prediction grows (they count answers found in it)
+GROWING_METRICS = frozenset({"string_match_all", "string_match_part"})
 
 
 def metric(task: str) -> str:
