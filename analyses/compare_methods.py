@@ -175,7 +175,9 @@ def run(argv: list[str] | None = None) -> pd.DataFrame:
         task_table = task_result.accuracy()
         common.print_table(f"tasks at {task_length} tokens (mean score, 95 % interval)", task_table)
         task_table.to_csv(settings.cache / "tasks.csv", index=False)
-        tasks_figure = plotting.plot_method_comparison(task_result.metric_frame(), facet=True)
+        tasks_figure = plotting.plot_method_comparison(
+            task_result.metric_frame(), facet=True, ylabel="mean score"
+        )
         common.save(settings, tasks_figure, "compare_tasks")
     repairs.to_csv(settings.cache / "repairs.csv", index=False)
     return table

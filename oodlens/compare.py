@@ -43,8 +43,11 @@ def write_comparison(runs: list[str], out: str | Path, *, overwrite: bool = Fals
         for metric in sorted(drawn):
             rows = frame[frame["metric"] == metric]
             panels = rows.assign(metric=metric + "\n" + rows["label"])  # one panel per run
+            task = metric.split("@")[0] in tasks
             fig = plotting.plot_method_comparison(
-                panels[["method", "metric", "value", "low", "high"]], facet=True
+                panels[["method", "metric", "value", "low", "high", "n"]],
+                facet=True,
+                ylabel="mean score" if task else None,
             )
             name = metric.replace("@", "_at_")
             plotting.save_figure(fig, figures / name)

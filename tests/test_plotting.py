@@ -18,6 +18,7 @@ from matplotlib.container import BarContainer, ErrorbarContainer  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from oodlens import plotting  # noqa: E402
+from oodlens.display import format_number
 from oodlens.errors import OodlensError
 from oodlens.stats import wilson_interval  # noqa: E402
 
@@ -260,6 +261,11 @@ def test_method_colors_are_fixed_and_colour_blind_safe():
     looks = {name: str(style) for name, style in plotting.METHOD_STYLES.items() if name != "rerope"}
     assert len(set(looks.values())) == len(looks)
     assert plotting.METHOD_STYLES["rerope"] == plotting.METHOD_STYLES["distance-limit"]
+    # bars have colour and hatch only: those two tell the methods apart too
+    bars = {name: (plotting.method_color(name), plotting.method_hatch(name)) for name in looks}
+    assert len(set(bars.values())) == len(bars)
+    assert plotting.method_hatch("rerope") == plotting.method_hatch("distance-limit")
+    assert plotting.method_hatch("vanilla") is None  # the first of a colour is plain
     darkened_yellow = {"#8C6D00"}
     assert set(plotting.METHOD_COLORS.values()) <= set(plotting.OKABE_ITO.values()) | darkened_yellow
     assert plotting.method_color("some-new-method") == plotting.method_color("some-new-method")
@@ -540,6 +546,17 @@ def test_method_comparison_grouped_and_faceted(tmp_path):
     assert_saved(fig, tmp_path)
     fig = plotting.plot_method_comparison(comparison_frame(), facet=True, metrics=["ROUGE-L"])
     assert [ax.get_title() for ax in fig.axes] == ["ROUGE-L"] and fig.axes[0].get_ylabel() == "ROUGE-L"
+    # each value is written above its bar's interval; a panel whose bars share one n says it in its title
+    frame = comparison_frame().assign(low=lambda f: f["value"] - 0.05, high=lambda f: f["value"] + 0.1, n=4)
+    fig = plotting.plot_method_comparison(frame, facet=True, metrics=["ROUGE-L"], ylabel="score")
+    (ax,) = fig.axes
+    assert ax.get_title() == "ROUGE-L (n = 4)" and ax.get_ylabel() == "score"
+    rouge = frame[frame["metric"] == "ROUGE-L"]
+    labels = {text.get_text(): text.xy[1] for text in ax.texts}
+    assert labels == {format_number(v): pytest.approx(v + 0.1) for v in rouge["value"]}
+    bars = [c for c in ax.containers if isinstance(c, BarContainer)]
+    hatches = [plotting.method_hatch(method) for method in rouge["method"]]
+    assert [bar[0].get_hatch() for bar in bars] == hatches
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["vanilla", "lm-infinite", "window"]
     with pytest.raises(OodlensError, match="'BLEU'"):
         plotting.plot_method_comparison(comparison_frame(), metrics=["BLEU"])

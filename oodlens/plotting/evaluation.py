@@ -23,7 +23,7 @@ from .base import (
     new_axes,
     run_frames,
 )
-from .style import PANEL_SIZE, method_rank, method_style, styled
+from .style import PANEL_SIZE, method_hatch, method_rank, method_style, styled
 
 # ------------------------------------------------------------------------------------------ evaluation
 
@@ -182,14 +182,21 @@ def plot_passkey(data: Any, train_length: int | None = None, *, ax: Axes | None 
 
 @styled
 def plot_method_comparison(
-    data: Any, *, metrics: Sequence[str] | None = None, facet: bool = False, ax: Axes | None = None
+    data: Any,
+    *,
+    metrics: Sequence[str] | None = None,
+    facet: bool = False,
+    ylabel: str | None = None,
+    ax: Axes | None = None,
 ) -> Figure:
     """Grouped bars: one group per metric, one bar per method, value labels on the bars.
 
     Reads any tidy frame with columns method, metric, value, and optionally low/high (an interval, drawn as
-    an error bar); repeated rows are averaged, unless they carry intervals (an average of interval ends is no
-    interval: an error). ``metrics`` picks and orders them. Metrics on different scales
-    read better with ``facet=True``: one panel per metric, titled and labelled by it, each on its own y axis.
+    an error bar) and n (samples behind a value); repeated rows are averaged, unless they carry intervals (an
+    average of interval ends is no interval: an error). ``metrics`` picks and orders them. Metrics on
+    different scales read better with ``facet=True``: one panel per metric, titled by it (with its n where
+    every bar has the same), each on its own y axis, labelled ``ylabel`` (default: the metric's name without
+    its parenthesis).
     """
     runs = run_frames(data, "method-comparison", COMPARISON_COLUMNS)
     metrics = list(metrics) if metrics is not None else list(runs["metric"].unique())
@@ -209,14 +216,17 @@ def plot_method_comparison(
     if not facet:
         fig, (panel_ax,) = new_axes(ax)
         _bars(panel_ax, runs, names, groups=metrics)
-        panel_ax.set_ylabel("value")
+        panel_ax.set_ylabel(ylabel or "value")
         figure_legend(fig, [panel_ax], own_figure=ax is None)
         return fig
     fig, axes = new_axes(ax, len(metrics), ncols=min(len(metrics), 3))
     for panel_ax, metric in zip(axes, metrics, strict=True):
-        _bars(panel_ax, runs[runs["metric"] == metric], names, groups=None)
-        panel_ax.set_title(metric, fontsize="medium")
-        panel_ax.set_ylabel(metric.split(" (")[0])
+        panel = runs[runs["metric"] == metric]
+        _bars(panel_ax, panel, names, groups=None)
+        counts = panel["n"].dropna().unique() if "n" in panel else []
+        title = metric + (f" (n = {int(counts[0])})" if len(counts) == 1 else "")
+        panel_ax.set_title(title, fontsize="medium")
+        panel_ax.set_ylabel(ylabel or metric.split(" (")[0])
     return fig
 
 
@@ -228,6 +238,7 @@ def _bars(ax: Axes, frame: pd.DataFrame, names: list[str], *, groups: list[str] 
     )
     group_names = groups or [None]
     width = 0.8 / (len(names) if groups else 1)
+    crowded = len(names) * len(group_names) > 8  # level labels of narrow bars run into each other
     for index, name in enumerate(names):
         xs, heights, lows, highs = [], [], [], []
         for position, group in enumerate(group_names):
@@ -245,15 +256,23 @@ def _bars(ax: Axes, frame: pd.DataFrame, names: list[str], *, groups: list[str] 
             [heights - np.asarray(lows, dtype=float), np.asarray(highs, dtype=float) - heights], 0, None
         )
         interval = {"yerr": errors, "capsize": 2} if {"low", "high"} <= set(frame.columns) else {}
-        bars = ax.bar(xs, heights, width=width, color=look["color"], label=name, **interval)
-        ax.bar_label(bars, labels=[format_number(float(h)) for h in heights], fontsize="x-small", padding=2)
+        ax.bar(
+            xs, heights, width=width, color=look["color"], hatch=method_hatch(name), edgecolor="white",
+            linewidth=0, label=name, **interval,
+        )  # fmt: skip
+        # each value above its bar's interval, where no error bar crosses it
+        for x, height, top in zip(xs, heights, np.fmax(heights, np.asarray(highs, dtype=float)), strict=True):
+            ax.annotate(
+                format_number(float(height)), (x, top), xytext=(0, 2), textcoords="offset points",
+                ha="center", va="bottom", fontsize="x-small", rotation=90 if crowded else 0,
+            )  # fmt: skip
     if groups:
         ax.set_xticks(range(len(groups)), groups)
     else:
         upright = len(names) > 5  # slanted names of many methods run into each other
         rotation, align = (90, "center") if upright else (30, "right")
         ax.set_xticks(range(len(names)), names, rotation=rotation, ha=align)
-    ax.margins(y=0.15)
+    ax.margins(y=0.35 if crowded else 0.15)  # room for the labels above the intervals
 
 
 @styled

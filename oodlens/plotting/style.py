@@ -138,6 +138,26 @@ def method_style(name: str) -> dict[str, Any]:
     return {"color": method_color(name), "linestyle": "-", "marker": "o"}
 
 
+def method_hatch(name: str) -> str | None:
+    """The hatch of a method's bars (None: plain), which with its colour sets it apart from every other."""
+    return _HATCHES.get(canonical(name))
+
+
+def _bar_hatches() -> dict[str, str | None]:
+    """Bars have no dashes or markers: a method whose colour an earlier one already has gets a hatch, so no
+    two bars of the table look alike (methods of one look, ReRoPE and the distance limit, share it)."""
+    by_look: dict[tuple, str | None] = {}
+    for color, linestyle, marker in METHOD_STYLES.values():
+        if (color, linestyle, marker) not in by_look:
+            same_color = sum(look[0] == color for look in by_look)
+            by_look[color, linestyle, marker] = BAR_HATCHES[same_color]
+    return {name: by_look[look] for name, look in METHOD_STYLES.items()}
+
+
+BAR_HATCHES = (None, "////", "....", "xxxx")
+_HATCHES = _bar_hatches()
+
+
 def method_rank(name: str) -> int:
     """Where a method comes in every figure's order (unknown names after the known ones)."""
     key = canonical(name)

@@ -141,7 +141,9 @@ def _figures(result: ProbeResult, folder: Path) -> list[Path]:
     if result.generation is not None:
         drawings["generation_quality"] = lambda: plotting.plot_generation_quality(result.generation, train)
     if result.tasks is not None:
-        drawings["tasks"] = lambda: plotting.plot_method_comparison(result.tasks.metric_frame(), facet=True)
+        drawings["tasks"] = lambda: plotting.plot_method_comparison(
+            result.tasks.metric_frame(), facet=True, ylabel="mean score"
+        )
     comparison = comparison_frame(result)
     if not comparison.empty:
         drawings["method_comparison"] = lambda: plotting.plot_method_comparison(comparison, facet=True)
