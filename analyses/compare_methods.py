@@ -176,7 +176,7 @@ def run(argv: list[str] | None = None) -> pd.DataFrame:
         common.print_table(f"tasks at {task_length} tokens (mean score, 95 % interval)", task_table)
         task_table.to_csv(settings.cache / "tasks.csv", index=False)
         tasks_figure = plotting.plot_method_comparison(
-            task_result.metric_frame(), facet=True, ylabel="mean score"
+            task_result.metric_frame(), facet=True, ylabel="mean score", fractions=True
         )
         common.save(settings, tasks_figure, "compare_tasks")
     repairs.to_csv(settings.cache / "repairs.csv", index=False)

@@ -48,6 +48,7 @@ def write_comparison(runs: list[str], out: str | Path, *, overwrite: bool = Fals
                 panels[["method", "metric", "value", "low", "high", "n"]],
                 facet=True,
                 ylabel="mean score" if task else None,
+                fractions=task,
             )
             name = metric.replace("@", "_at_")
             plotting.save_figure(fig, figures / name)

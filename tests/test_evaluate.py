@@ -424,7 +424,7 @@ def test_passkey_digit_matcher(generated, correct):
 
 def test_passkey_retrieval_rows_and_accuracy(llama, monkeypatch):
     # The tiny model is random: make it "answer" with the passkey in its prompt, so correctness is known.
-    def answer_from_prompt(model, handle, prompt, max_new_tokens, pad_token_id, prefix=None):
+    def answer_from_prompt(model, handle, prompt, max_new_tokens, pad_token_id, prefix=None, until=None):
         text = llama.tokenizer.decode(prompt)
         key = text.split("The pass key is ")[1][:5] if "The pass key is " in text else "00000"
         return torch.tensor(llama.tokenizer(f" {key}.", add_special_tokens=False)["input_ids"])
@@ -458,7 +458,7 @@ def test_truncated_baseline_skips_a_prompt_whose_needle_is_cut(llama, monkeypatc
     train_length = prompt.length - prompt.needle_end + last_needle_token_kept
     prompts_run = []
 
-    def recording(model, handle, ids, max_new_tokens, pad_token_id, prefix=None):
+    def recording(model, handle, ids, max_new_tokens, pad_token_id, prefix=None, until=None):
         prompts_run.append(ids.numel())
         return torch.tensor(llama.tokenizer(f" {prompt.passkey}.", add_special_tokens=False)["input_ids"])
 

@@ -557,6 +557,10 @@ def test_method_comparison_grouped_and_faceted(tmp_path):
     bars = [c for c in ax.containers if isinstance(c, BarContainer)]
     hatches = [plotting.method_hatch(method) for method in rouge["method"]]
     assert [bar[0].get_hatch() for bar in bars] == hatches
+    # fractions share one 0-1 scale in every panel, whatever each panel's largest value
+    fig = plotting.plot_method_comparison(frame, facet=True, fractions=True)
+    assert all(list(ax.get_yticks()) == [0, 0.25, 0.5, 0.75, 1] for ax in fig.axes)
+    assert len({ax.get_ylim() for ax in fig.axes}) == 1 and fig.axes[0].get_ylim()[0] == 0
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["vanilla", "lm-infinite", "window"]
     with pytest.raises(OodlensError, match="'BLEU'"):
         plotting.plot_method_comparison(comparison_frame(), metrics=["BLEU"])

@@ -187,6 +187,7 @@ def plot_method_comparison(
     metrics: Sequence[str] | None = None,
     facet: bool = False,
     ylabel: str | None = None,
+    fractions: bool = False,
     ax: Axes | None = None,
 ) -> Figure:
     """Grouped bars: one group per metric, one bar per method, value labels on the bars.
@@ -196,7 +197,8 @@ def plot_method_comparison(
     average of interval ends is no interval: an error). ``metrics`` picks and orders them. Metrics on
     different scales read better with ``facet=True``: one panel per metric, titled by it (with its n where
     every bar has the same), each on its own y axis, labelled ``ylabel`` (default: the metric's name without
-    its parenthesis).
+    its parenthesis). ``fractions=True``: the values are fractions (task scores, accuracies), drawn on one
+    0–1 scale in every panel.
     """
     runs = run_frames(data, "method-comparison", COMPARISON_COLUMNS)
     metrics = list(metrics) if metrics is not None else list(runs["metric"].unique())
@@ -215,14 +217,16 @@ def plot_method_comparison(
     names = sorted(runs["series"].unique(), key=lambda name: method_rank(str(name)))
     if not facet:
         fig, (panel_ax,) = new_axes(ax)
-        _bars(panel_ax, runs, names, groups=metrics)
+        crowded = _bars(panel_ax, runs, names, groups=metrics)
+        _fraction_scale(panel_ax, fractions, crowded)
         panel_ax.set_ylabel(ylabel or "value")
         figure_legend(fig, [panel_ax], own_figure=ax is None)
         return fig
     fig, axes = new_axes(ax, len(metrics), ncols=min(len(metrics), 3))
     for panel_ax, metric in zip(axes, metrics, strict=True):
         panel = runs[runs["metric"] == metric]
-        _bars(panel_ax, panel, names, groups=None)
+        crowded = _bars(panel_ax, panel, names, groups=None)
+        _fraction_scale(panel_ax, fractions, crowded)
         counts = panel["n"].dropna().unique() if "n" in panel else []
         title = metric + (f" (n = {int(counts[0])})" if len(counts) == 1 else "")
         panel_ax.set_title(title, fontsize="medium")
@@ -230,9 +234,16 @@ def plot_method_comparison(
     return fig
 
 
-def _bars(ax: Axes, frame: pd.DataFrame, names: list[str], *, groups: list[str] | None) -> None:
+def _fraction_scale(ax: Axes, fractions: bool, crowded: bool) -> None:
+    """Fractions on 0-1 ticks, with room above 1 for the value labels (upright ones take more)."""
+    if fractions:
+        ax.set_ylim(0, 1.4 if crowded else 1.2)
+        ax.set_yticks([0, 0.25, 0.5, 0.75, 1])
+
+
+def _bars(ax: Axes, frame: pd.DataFrame, names: list[str], *, groups: list[str] | None) -> bool:
     """Bars of ``frame``'s mean value: per method (``groups=None``), or per method within each metric
-    group."""
+    group; True when they crowd (their value labels then stand upright)."""
     table = frame.groupby(["metric", "series"], sort=False).agg(
         value=("value", "mean"), **{c: (c, "mean") for c in ("low", "high") if c in frame}
     )
@@ -273,6 +284,7 @@ def _bars(ax: Axes, frame: pd.DataFrame, names: list[str], *, groups: list[str] 
         rotation, align = (90, "center") if upright else (30, "right")
         ax.set_xticks(range(len(names)), names, rotation=rotation, ha=align)
     ax.margins(y=0.35 if crowded else 0.15)  # room for the labels above the intervals
+    return crowded
 
 
 @styled

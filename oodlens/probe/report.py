@@ -142,7 +142,7 @@ def _figures(result: ProbeResult, folder: Path) -> list[Path]:
         drawings["generation_quality"] = lambda: plotting.plot_generation_quality(result.generation, train)
     if result.tasks is not None:
         drawings["tasks"] = lambda: plotting.plot_method_comparison(
-            result.tasks.metric_frame(), facet=True, ylabel="mean score"
+            result.tasks.metric_frame(), facet=True, ylabel="mean score", fractions=True
         )
     comparison = comparison_frame(result)
     if not comparison.empty:
