@@ -65,6 +65,7 @@ UNNAMED_COLOR = "#333333"
 _FALLBACK_COLORS = [OKABE_ITO[k] for k in ("sky", "black", "orange", "green", "purple", "grey")]
 TRAIN_LENGTH_GID = "train-length"
 LN_N_GID = "ln-n"
+BAR_HATCHES = (None, "////", "....", "xxxx")  # the first, second, ... look of one colour in bar charts
 PANEL_SIZE = (3.4, 2.6)  # inches per panel: two panels fill a two-column paper's text width
 DPI = 300
 
@@ -154,7 +155,6 @@ def _bar_hatches() -> dict[str, str | None]:
     return {name: by_look[look] for name, look in METHOD_STYLES.items()}
 
 
-BAR_HATCHES = (None, "////", "....", "xxxx")
 _HATCHES = _bar_hatches()
 
 
