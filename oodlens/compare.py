@@ -39,11 +39,12 @@ def write_comparison(runs: list[str], out: str | Path, *, overwrite: bool = Fals
         figures.mkdir()
         names = []
         tasks = {*TASKS, *RULER_TASKS}
-        drawn = [m for m in frame["metric"].unique() if m.startswith(HEADLINE) or m.split("@")[0] in tasks]
+        task_metrics = {m for m in frame["metric"].unique() if m.split("@")[0] in tasks}
+        drawn = [m for m in frame["metric"].unique() if m.startswith(HEADLINE) or m in task_metrics]
         for metric in sorted(drawn):
             rows = frame[frame["metric"] == metric]
             panels = rows.assign(metric=metric + "\n" + rows["label"])  # one panel per run
-            task = metric.split("@")[0] in tasks
+            task = metric in task_metrics
             fig = plotting.plot_method_comparison(
                 panels[["method", "metric", "value", "low", "high", "n"]],
                 facet=True,

@@ -100,8 +100,7 @@ def settled(task: str, prediction: str, answers: Sequence[str]) -> bool:
     """Whether no further text can change ``prediction``'s score: RULER's string matches only count answers
     found, so a full score is final (generation may stop there without changing any score). A passkey
     answer is never settled early (its first number could still grow)."""
-    name = metric(_canonical(task)[0])
-    return name in GROWING_METRICS and METRICS[name](prediction, answers) == 1.0
+    return metric(_canonical(task)[0]) in GROWING_METRICS and score(task, prediction, answers) == 1.0
 
 
 def _canonical(task: str) -> tuple[str, dict[str, Any]]:
