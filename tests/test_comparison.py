@@ -87,7 +87,7 @@ def test_the_table_holds_ratios_to_the_baseline_passkey_counts_and_costs(compari
 
 
 def test_the_table_pools_each_methods_task_scores_with_an_interval(comparison):
-    # "fixed": 3 of 4 binary scores (a Wilson interval); vanilla: scores 0.5 and 1 (a bootstrap over prompts)
+    # "fixed": 3 of 4 binary scores (a Wilson interval); vanilla: scores 0.5 and 1 (Wilson at their mean)
     rows = [
         {"method": "fixed", "task": task, "length": 6, "score": score}
         for task, score in (("niah_single", 1.0), ("niah_single", 1.0), ("variable_tracking", 1.0),
@@ -101,13 +101,15 @@ def test_the_table_pools_each_methods_task_scores_with_an_interval(comparison):
     centre, half = p + z**2 / (2 * n), z * math.sqrt(p * (1 - p) / n + z**2 / (4 * n**2))
     low, high = (centre - half) / (1 + z**2 / n), (centre + half) / (1 + z**2 / n)
     assert table.loc["fixed", "tasks @6"] == f"0.75 [{format_number(low)}, {format_number(high)}]"
-    # resampled means of two scores from {0.5, 1}: 0.5, 0.75 or 1, so the percentiles are the extremes
-    assert table.loc["vanilla", "tasks @6"] == "0.75 [0.5, 1]"
+    p, n = 0.75, 2  # the same formula at the mean score 0.75 of two prompts
+    centre, half = p + z**2 / (2 * n), z * math.sqrt(p * (1 - p) / n + z**2 / (4 * n**2))
+    low, high = (centre - half) / (1 + z**2 / n), (centre + half) / (1 + z**2 / n)
+    assert table.loc["vanilla", "tasks @6"] == f"0.75 [{format_number(low)}, {format_number(high)}]"
     assert pd.isna(table.loc[TRUNCATED_BASELINE, "tasks @6"])  # the baseline answered no task here
     tasks = comparison.task_result().accuracy().set_index(["method", "task"])
     cell = tasks.loc[("fixed", "variable_tracking")]
     assert (cell["value"], cell["n"], cell["interval"]) == (0.5, 2, "wilson")
-    assert tasks.loc[("vanilla", "common_words"), "interval"] == "bootstrap"
+    assert tasks.loc[("vanilla", "common_words"), "interval"] == "wilson-bound"
 
 
 def test_the_repair_map_divides_by_vanillas_value_within_the_training_length(comparison):

@@ -155,6 +155,28 @@ def test_perplexity_edge_cases():
         perplexity_interval([1.0, 2.0], [10, -1])
 
 
+def test_a_mean_score_takes_the_wilson_interval_at_that_mean():
+    partial = Estimate.score_mean([0.1, 0.1, 0.0, 0.0])  # a mean of 0.05 over 4 prompts
+    assert (partial.low, partial.high) == pytest.approx(wilson_by_hand(0.2, 4), abs=1e-12)
+    assert (partial.value, partial.n, partial.method) == (pytest.approx(0.05), 4, "wilson-bound")
+    assert partial.low == pytest.approx(0.00237, abs=1e-5) and partial.high == pytest.approx(0.5385, abs=1e-4)
+    assert Estimate.score_mean([1.0, 0.0, 1.0, 1.0]) == Estimate.proportion(3, 4)
+    with pytest.raises(OodlensError, match=r"scores in \[0, 1\], got 0 to 2"):
+        Estimate.score_mean([0.0, 2.0])
+
+
+def test_a_mean_score_covers_where_a_bootstrap_over_four_prompts_does_not():
+    # Four prompts, each finding a Binomial(10, 0.05) share of ten words (common words' scale): all four
+    # score 0 about 13 % of the time, and a bootstrap over them is then [0, 0], missing the true 0.05.
+    rng = np.random.default_rng(11)
+    truth, trials = 0.05, 400
+    scores = rng.binomial(10, truth, size=(trials, 4)) / 10
+    bound = sum(e.low <= truth <= e.high for e in map(Estimate.score_mean, scores))
+    bootstrap = sum(low <= truth <= high for low, high in (bootstrap_interval(row, seed=0) for row in scores))
+    assert bound / trials >= 0.95
+    assert bootstrap / trials <= 0.9
+
+
 def test_estimates_carry_their_interval_into_json():
     estimate = Estimate.proportion(7, 20)
     assert (estimate.low, estimate.high) == pytest.approx(wilson_by_hand(7, 20), abs=1e-12)

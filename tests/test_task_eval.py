@@ -103,15 +103,15 @@ def test_generation_stops_once_until_holds():
     assert full.numel() == 12 and torch.equal(early, full[:4])
 
 
-def test_accuracies_carry_a_wilson_or_a_bootstrap_interval():
+def test_accuracies_carry_a_wilson_interval_conservative_for_partial_scores():
     rows = [
         {"method": "m", "task": "niah_single", "length": 10, "score": score} for score in (1.0, 0.0, 1.0, 1.0)
     ] + [{"method": "m", "task": "cwe", "length": 10, "score": score} for score in (0.5, 1.0, 0.0, 0.7)]
     estimates = TaskResult(rows).estimates()
     assert estimates["m", "niah_single", 10] == Estimate.proportion(3, 4)
-    bootstrap = estimates["m", "cwe", 10]
-    assert bootstrap == Estimate.mean([0.5, 1.0, 0.0, 0.7])
-    assert bootstrap.method == "bootstrap" and bootstrap.value == pytest.approx(0.55)
+    partial = estimates["m", "cwe", 10]  # the Wilson interval of 2.2 "successes" in 4
+    assert partial.method == "wilson-bound" and partial.value == pytest.approx(0.55)
+    assert (partial.low, partial.high) == pytest.approx((0.1764, 0.8746), abs=1e-4)
     summary = TaskResult(rows).summary()
     assert summary["m"]["niah_single"]["10"]["n"] == 4 and summary["m"]["niah_single"]["10"]["value"] == 0.75
 

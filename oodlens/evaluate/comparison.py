@@ -31,7 +31,7 @@ from .generation import passkey_retrieval
 from .perplexity import PerplexityResult, perplexity_by_position
 from .scoring import TRUNCATED_BASELINE
 from .speed import decode_speed
-from .tasks import TaskResult, score_estimate, task_accuracy
+from .tasks import TaskResult, task_accuracy
 
 # the repair map's columns, in the order of the paper's factors and then the two outcomes
 REPAIRS = ("factor 1: logits", "factor 2: entropy", "factor 3: sink mass", "perplexity", "retrieval")
@@ -204,7 +204,7 @@ class MethodComparison(Displayed):
                 row[f"passkey @{length}"] = estimate_text(estimate.to_dict(), count=True)
             if self.tasks is not None:
                 for length, rows_at in self.tasks[self.tasks["method"] == name].groupby("length"):
-                    row[f"tasks @{length}"] = estimate_text(score_estimate(rows_at["score"]).to_dict())
+                    row[f"tasks @{length}"] = estimate_text(Estimate.score_mean(rows_at["score"]).to_dict())
             factors = self.methods.get(name, {}).get("factors", {})
             row["max logit >L"] = factors.get("max_logit_beyond")
             row["entropy >L"] = factors.get("entropy_beyond")

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 from transformers import PreTrainedModel
@@ -32,15 +31,6 @@ from .prefix import SharedPrefix, shared_length
 from .scoring import inference, methods_of, progress_bar
 
 DEFAULT_TASKS = ("niah_single", "niah_multikey", "variable_tracking", "common_words", "frequent_words")
-
-
-def score_estimate(scores: Any) -> Estimate:
-    """The mean of task scores with its 95 % interval: Wilson where every score is 0 or 1 (a proportion),
-    else a bootstrap over prompts."""
-    scores = np.asarray(scores, dtype=float)
-    if ((scores == 0) | (scores == 1)).all():
-        return Estimate.proportion(int(scores.sum()), scores.size)
-    return Estimate.mean(scores)
 
 
 @dataclass(repr=False)
@@ -65,13 +55,14 @@ class TaskResult(Displayed):
         return pd.DataFrame(self.rows, columns=[*columns, "answers"])
 
     def estimates(self) -> dict[tuple[str, str, int], Estimate]:
-        """Per (method, task, length): the mean score with its 95 % interval — Wilson where every score is 0
-        or 1 (a proportion), else a bootstrap over prompts."""
+        """Per (method, task, length): the mean score with its 95 % Wilson interval
+        (:meth:`~oodlens.stats.Estimate.score_mean`: exact for 0/1 scores, conservative for partial ones)."""
         cells = self.to_dataframe().groupby(["method", "task", "length"], sort=False)
-        return {(m, task, int(length)): score_estimate(rows["score"]) for (m, task, length), rows in cells}
+        return {(m, task, int(n)): Estimate.score_mean(rows["score"]) for (m, task, n), rows in cells}
 
     def accuracy(self) -> pd.DataFrame:
-        """method, task, length, value (mean score), low, high, n, interval (wilson or bootstrap)."""
+        """method, task, length, value (mean score), low, high, n, interval (wilson; wilson-bound for partial
+        scores)."""
         rows = [
             {"method": method, "task": task, "length": length, "value": e.value, "low": e.low, "high": e.high,
              "n": e.n, "interval": e.method}

@@ -214,8 +214,8 @@ def figure_captions(result: ProbeResult) -> dict[str, str]:
         )
     if result.tasks is not None:
         captions["tasks"] = (
-            "RULER-style tasks, mean score of each method with its 95 % interval (Wilson for 0/1 scores, "
-            "else bootstrap over prompts): "
+            "RULER-style tasks, mean score of each method with its 95 % Wilson interval over prompts "
+            "(conservative for partial scores): "
             + "; ".join(
                 f"{row.method} {row.task} @ {row.length} {format_number(row.value)} "
                 f"[{format_number(row.low)}, {format_number(row.high)}] of {row.n}"
