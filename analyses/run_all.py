@@ -1,12 +1,14 @@
 """Regenerate every figure and table of the paper on the embedded model.
 
 Results come from the cache in figures/cache/ when present; with --recompute everything is computed again
-(30 minutes from empty caches on 2 CPU cores, docs/results.md). Each script runs in its own process. The
+(hours on 2 CPU cores at the committed sample sizes: Table 2 alone, 20 prompts per length to 24k, takes 3 h 13
+min; docs/results.md, "Time to regenerate"). Each script runs in its own process. The
 figure scripts run ``--jobs`` at a time (default: 2 where there are at least 2 cores), one thread each: on 2
 cores two 1-thread jobs get as much done as one 2-thread job at a time, or up to 14 % more, depending on
 the machine, and keep both cores busy through each script's single-threaded stretches. The efficiency
 benchmark, the method comparison and the million-token stream measure speed or memory, so they run last,
-alone, on every core (from an empty cache the comparison adds about 2 hours, the stream about 3 h 20 min).
+alone, on every core (from an empty cache the comparison adds about 5 h 15 min, 3 h 35 min of it its five
+RULER-style tasks, and the stream about 3 h 20 min).
 
     python analyses/run_all.py            # SmolLM2 → figures/
     python analyses/run_all.py --jobs 1   # one script at a time
