@@ -97,14 +97,15 @@ def test_the_table_pools_each_methods_task_scores_with_an_interval(comparison):
     ]  # fmt: skip
     comparison.tasks = pd.DataFrame(rows)
     table = comparison.table().set_index("method")
-    z, p, n = 1.959964, 0.75, 4  # Wilson by hand: (p + z²/2n ± z √(p(1-p)/n + z²/4n²)) / (1 + z²/n)
-    centre, half = p + z**2 / (2 * n), z * math.sqrt(p * (1 - p) / n + z**2 / (4 * n**2))
-    low, high = (centre - half) / (1 + z**2 / n), (centre + half) / (1 + z**2 / n)
-    assert table.loc["fixed", "tasks @6"] == f"0.75 [{format_number(low)}, {format_number(high)}]"
-    p, n = 0.75, 2  # the same formula at the mean score 0.75 of two prompts
-    centre, half = p + z**2 / (2 * n), z * math.sqrt(p * (1 - p) / n + z**2 / (4 * n**2))
-    low, high = (centre - half) / (1 + z**2 / n), (centre + half) / (1 + z**2 / n)
-    assert table.loc["vanilla", "tasks @6"] == f"0.75 [{format_number(low)}, {format_number(high)}]"
+
+    def wilson_text(p: float, n: int, z: float = 1.959964) -> str:
+        """"p [low, high]" by hand: (p + z²/2n ± z √(p(1-p)/n + z²/4n²)) / (1 + z²/n)."""
+        centre, half = p + z**2 / (2 * n), z * math.sqrt(p * (1 - p) / n + z**2 / (4 * n**2))
+        low, high = (centre - half) / (1 + z**2 / n), (centre + half) / (1 + z**2 / n)
+        return f"{format_number(p)} [{format_number(low)}, {format_number(high)}]"
+
+    assert table.loc["fixed", "tasks @6"] == wilson_text(0.75, 4)
+    assert table.loc["vanilla", "tasks @6"] == wilson_text(0.75, 2)  # at the mean score of two prompts
     assert pd.isna(table.loc[TRUNCATED_BASELINE, "tasks @6"])  # the baseline answered no task here
     tasks = comparison.task_result().accuracy().set_index(["method", "task"])
     cell = tasks.loc[("fixed", "variable_tracking")]
