@@ -58,7 +58,10 @@ class TaskResult(Displayed):
         """Per (method, task, length): the mean score with its 95 % Wilson interval
         (:meth:`~oodlens.stats.Estimate.score_mean`: exact for 0/1 scores, conservative for partial ones)."""
         cells = self.to_dataframe().groupby(["method", "task", "length"], sort=False)
-        return {(m, task, int(n)): Estimate.score_mean(rows["score"]) for (m, task, n), rows in cells}
+        return {
+            (method, task, int(length)): Estimate.score_mean(rows["score"])
+            for (method, task, length), rows in cells
+        }
 
     def accuracy(self) -> pd.DataFrame:
         """method, task, length, value (mean score), low, high, n, interval (wilson; wilson-bound for partial
